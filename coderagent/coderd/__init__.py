@@ -1,0 +1,1 @@
+"""Talking to coderd: credentials now; the WebSocket/yamux/DRPC client plugs in here."""

@@ -1,0 +1,93 @@
+"""A service that listens on a strports endpoint and says where it listens.
+
+Twisted's ``strports.service`` either raises a traceback on a bind failure or
+(when built by hand) only logs it.  The agent wants neither: a listener the
+agent cannot live without stops start-up with one clear line, an optional one
+logs the error and lets the rest of the agent run.  Either way the bound
+address is logged, which is also how tests learn an ephemeral port.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+
+def describeAddress(address: Any) -> str:
+    """``host:port`` for IP addresses, the path for Unix sockets."""
+    if hasattr(address, "port"):
+        host = address.host
+        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    name = getattr(address, "name", None)
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+class ListeningService(Service):
+    """Listen on ``description`` with ``factory`` while the service runs."""
+
+    port: IListeningPort | None = None
+    _attempted = False
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        description: str,
+        factory: IProtocolFactory,
+        what: str,
+        required: bool,
+    ) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.what = what
+        self.required = required
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        # twistd calls privilegedStartService first; a plain MultiService
+        # started by a test does not, so bind here if that has not happened.
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._attempted:
+            return
+        self._attempted = True
+        results: list[Any] = []
+        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        endpoint.listen(self.factory).addBoth(results.append)
+        if not results:  # every endpoint we use binds synchronously
+            raise SystemExit(f"coder-agent: {self.what}: listening on {self.description} did not complete")
+        result = results[0]
+        if isinstance(result, Failure):
+            message = f"cannot listen on {self.description}: {result.getErrorMessage()}"
+            if self.required:
+                raise SystemExit(f"coder-agent: {self.what}: {message}")
+            log.error("{what}: {message}", what=self.what, message=message)
+            return
+        self.port = result
+        log.info(
+            "{what} listening on {address}",
+            what=self.what,
+            address=describeAddress(result.getHost()),
+        )
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self._attempted = False
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()  # type: ignore[return-value]
+        return None

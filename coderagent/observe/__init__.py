@@ -1,0 +1,1 @@
+"""Observability: log sinks now; metrics and the debug server plug in here."""

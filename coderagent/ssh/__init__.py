@@ -1,0 +1,1 @@
+"""The SSH server: host keys, authentication, avatar, sessions and SFTP."""

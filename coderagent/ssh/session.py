@@ -1,0 +1,498 @@
+"""The ``session`` channel: shell, exec, PTY, env, signals, SFTP and exit status.
+
+Written instead of using Conch's ``SSHSession`` for one reason above the
+others: **the exit status must never be lost**.  Stock Conch answers the
+client's CHANNEL_CLOSE at once, even while the child is still being reaped, so
+under load ``ssh host cmd`` sometimes exits 255.  Like sshd, this channel keeps
+itself open until the process has ended, then sends, in this order, any
+buffered output, ``exit-status`` (or ``exit-signal``), EOF and CLOSE.
+
+The channel also applies back-pressure both ways: process output pauses while
+the client's window is exhausted, and the client's window is not re-opened
+while the process is not reading its stdin.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import struct
+import termios
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.conch.error import ConchError
+from twisted.conch.interfaces import ISFTPServer
+from twisted.conch import ttymodes
+from twisted.conch.ssh import channel, common, connection, session
+from twisted.conch.ssh.filetransfer import FileTransferServer
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IAddress, IPushProducer, ITransport
+from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from coderagent.policy import (
+    FILE_TRANSFER_BLOCKED_EXIT_STATUS,
+    FILE_TRANSFER_BLOCKED_MESSAGE,
+    Policy,
+)
+from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo, sessionEnvironment
+from coderagent.ssh.factory import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+
+log = Logger()
+
+#: Signals a client may send by name, as upstream maps them; anything else is KILL.
+SIGNALS: Mapping[str, signal.Signals] = {
+    name: getattr(signal, "SIG" + name)
+    for name in (
+        "ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL",
+        "PIPE", "QUIT", "SEGV", "TERM", "USR1", "USR2",
+    )
+}
+
+#: Exit status for an internal failure to start the command (upstream's MagicSessionErrorCode).
+SESSION_ERROR_EXIT_STATUS = 229
+
+#: Bound on ``env`` requests per channel: a peer controls this memory.
+MAX_ENV_REQUESTS = 1024
+
+
+@dataclass
+class SessionContext:
+    """Everything a session needs from the rest of the agent.
+
+    ``overrides`` is a live mapping: services that learn something later (the
+    manifest, the boundary socket path) update it and new sessions see it.
+    """
+
+    policy: Policy
+    reactor: Any
+    user: UserInfo
+    agentEnvironment: Mapping[str, str]
+    defaults: Mapping[str, str] = field(default_factory=lambda: {"CODER": "true"})
+    overrides: dict[str, str] = field(default_factory=dict)
+    sftpServer: Callable[[str], ISFTPServer] | None = None
+
+
+@dataclass
+class _PtyRequest:
+    term: str
+    winSize: tuple[int, int, int, int]
+    modes: list[tuple[int, int]]
+
+
+def _packWinSize(rows: int, cols: int, xpx: int, ypx: int) -> bytes:
+    clamp = lambda v: max(0, min(v, 0xFFFF))  # noqa: E731 - a winsize field is a u16
+    return struct.pack("4H", clamp(rows), clamp(cols), clamp(xpx), clamp(ypx))
+
+
+def _applyModes(fd: int, modes: list[tuple[int, int]]) -> None:
+    """Apply the client's RFC 4254 terminal modes to the PTY slave."""
+    attr = termios.tcgetattr(fd)
+    for opcode, value in modes:
+        spec = ttymodes.TTYMODES.get(opcode)
+        if spec is None:
+            continue
+        if isinstance(spec, tuple):
+            flagName, bitName = spec
+            bit = getattr(termios, bitName, None)
+            index = getattr(termios, flagName, None)
+            if bit is None or index is None:
+                continue
+            attr[index] = attr[index] | bit if value else attr[index] & ~bit
+        elif spec in ("ISPEED", "OSPEED"):
+            speed = getattr(termios, f"B{value}", None)
+            if speed is not None:
+                attr[4 if spec == "ISPEED" else 5] = speed
+        else:
+            index = getattr(termios, spec, None)
+            if index is not None and 0 <= value < 256:
+                attr[6][index] = bytes((value,))
+    termios.tcsetattr(fd, termios.TCSANOW, attr)
+
+
+class _SessionProcessProtocol(ProcessProtocol):
+    """Relays a child's output into its channel; holds no policy."""
+
+    def __init__(self, chan: SessionChannel) -> None:
+        self.chan = chan
+
+    def outReceived(self, data: bytes) -> None:
+        self.chan.write(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.chan.writeExtended(connection.EXTENDED_DATA_STDERR, data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.chan.processEnded(reason.value)
+
+
+@implementer(ITransport)
+class _SubsystemTransport:
+    """Presents the channel as a transport to a subsystem protocol (SFTP)."""
+
+    def __init__(self, chan: SessionChannel) -> None:
+        self.chan = chan
+
+    def write(self, data: bytes) -> None:
+        self.chan.write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.chan.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self.chan.finish(0)
+
+    def getPeer(self) -> IAddress:
+        return self.chan.conn.transport.transport.getPeer()  # type: ignore[no-any-return]
+
+    def getHost(self) -> IAddress:
+        return self.chan.conn.transport.transport.getHost()  # type: ignore[no-any-return]
+
+
+@implementer(IPushProducer)
+class SessionChannel(channel.SSHChannel):  # type: ignore[misc]
+    """One SSH ``session`` channel and the process or subsystem it runs."""
+
+    name = b"session"
+
+    def __init__(self, context: SessionContext, **kw: Any) -> None:
+        kw.setdefault("localWindow", CHANNEL_WINDOW)
+        kw.setdefault("localMaxPacket", CHANNEL_MAX_PACKET)
+        super().__init__(**kw)
+        self.context = context
+        self.clientEnvironment: list[tuple[str, str]] = []
+        self.sessionType = "ssh"
+        self.pty: _PtyRequest | None = None
+        self.process: Any = None
+        self.subsystem: Protocol | None = None
+        self.sftp: Any = None
+        self.command: str | None = None
+        self.consumerPaused = False
+        self._started = False
+        self._ended = False
+        self._finishing: int | tuple[str, bool] | None = None
+        self._finished = False
+        self._gone = False
+
+    # -- requests ---------------------------------------------------------
+
+    def requestReceived(self, requestType: bytes, data: bytes) -> int:
+        handler = self._requestHandlers.get(requestType)
+        if handler is None:
+            return 0
+        try:
+            return handler(self, data)
+        except (struct.error, ValueError, IndexError) as e:
+            log.warn(
+                "malformed {request} request on session channel: {error}",
+                request=requestType.decode("ascii", "replace"),
+                error=repr(e),
+            )
+            return 0
+
+    def _requestEnv(self, data: bytes) -> int:
+        name, rest = common.getNS(data)
+        value, _ = common.getNS(rest)
+        if self._started or len(self.clientEnvironment) >= MAX_ENV_REQUESTS:
+            return 0
+        key = os.fsdecode(name)
+        if not key or "=" in key or "\0" in key:
+            return 0
+        text = os.fsdecode(value)
+        if key == "CODER_SSH_SESSION_TYPE":
+            self.sessionType = text.lower() or "ssh"
+        if key not in MAGIC_SESSION_VARIABLES:
+            self.clientEnvironment.append((key, text))
+        return 1
+
+    def _requestPty(self, data: bytes) -> int:
+        if self._started:
+            return 0
+        term, winSize, modes = session.parseRequest_pty_req(data)
+        self.pty = _PtyRequest(os.fsdecode(term), winSize, modes)
+        return 1
+
+    def _requestWindowChange(self, data: bytes) -> int:
+        rows, cols, xpx, ypx = session.parseRequest_window_change(data)
+        if self.pty is None:
+            return 0
+        self.pty.winSize = (rows, cols, xpx, ypx)
+        if self.process is not None and not self._ended:
+            try:
+                fcntl.ioctl(self.process.fileno(), termios.TIOCSWINSZ, _packWinSize(rows, cols, xpx, ypx))
+            except OSError as e:
+                log.warn("cannot resize terminal: {error}", error=e)
+                return 0
+        return 1
+
+    def _requestShell(self, data: bytes) -> int:
+        return self._start(None)
+
+    def _requestExec(self, data: bytes) -> int:
+        command, _ = common.getNS(data)
+        return self._start(os.fsdecode(command))
+
+    def _requestSubsystem(self, data: bytes) -> int:
+        name = os.fsdecode(common.getNS(data)[0])
+        if self._started or name != "sftp" or self.context.sftpServer is None:
+            return 0
+        self._started = True
+        decision = self.context.policy.allowSubsystem(name)
+        if not decision.allowed:
+            log.warn(
+                "{reason}: subsystem {subsystem} refused for {peer}",
+                reason=decision.reason,
+                subsystem=name,
+                peer=self._peerText(),
+            )
+            # Nothing is written: sftp would report a garbage packet length.
+            self._afterReply(lambda: self.finish(FILE_TRANSFER_BLOCKED_EXIT_STATUS))
+            return 1
+        self.sftp = self.context.sftpServer(self.context.user.home)
+        server = FileTransferServer(avatar=self.sftp)
+        self.subsystem = server
+        server.makeConnection(_SubsystemTransport(self))
+        return 1
+
+    def _requestSignal(self, data: bytes) -> int:
+        name = os.fsdecode(common.getNS(data)[0])
+        sig = SIGNALS.get(name, signal.SIGKILL)
+        if self.process is None or self._ended:
+            return 0
+        try:
+            self.process.signalProcess(int(sig))
+        except (OSError, ProcessLookupError) as e:
+            log.info("signal {name} not delivered: {error}", name=name, error=e)
+            return 0
+        return 1
+
+    _requestHandlers: Mapping[bytes, Callable[[SessionChannel, bytes], int]] = {
+        b"env": _requestEnv,
+        b"pty-req": _requestPty,
+        b"window-change": _requestWindowChange,
+        b"shell": _requestShell,
+        b"exec": _requestExec,
+        b"subsystem": _requestSubsystem,
+        b"signal": _requestSignal,
+    }
+
+    # -- starting the process ---------------------------------------------
+
+    def _afterReply(self, f: Callable[[], None]) -> None:
+        """Run ``f`` once the reply to the current request has been sent."""
+        self.context.reactor.callLater(0, f)
+
+    def _peerText(self) -> str:
+        peer = self.conn.transport.transport.getPeer()
+        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+    def _start(self, command: str | None) -> int:
+        if self._started:
+            return 0
+        self._started = True
+        self.command = command
+        decision = self.context.policy.allowCommand(command)
+        if not decision.allowed:
+            log.warn(
+                "{reason}: command {command!r} refused for {peer}",
+                reason=decision.reason,
+                command=command,
+                peer=self._peerText(),
+            )
+
+            def refuse() -> None:
+                self.write(FILE_TRANSFER_BLOCKED_MESSAGE)
+                self.finish(FILE_TRANSFER_BLOCKED_EXIT_STATUS)
+
+            self._afterReply(refuse)
+            return 1
+        try:
+            self._spawn(command)
+        except (OSError, ConchError) as e:
+            log.error("cannot start session command: {error}", error=e)
+            message = f"coder-agent: cannot start {self.context.user.shell}: {e}\n"
+
+            def fail() -> None:
+                self.writeExtended(connection.EXTENDED_DATA_STDERR, message.encode())
+                self.finish(SESSION_ERROR_EXIT_STATUS)
+
+            self._afterReply(fail)
+        return 1
+
+    def _spawn(self, command: str | None) -> None:
+        ctx = self.context
+        shell = ctx.user.shell
+        argv = [shell, "-l"] if command is None else [shell, "-c", command]
+        transport = self.conn.transport.transport
+        peer, host = transport.getPeer(), transport.getHost()
+        envArgs: dict[str, Any] = dict(
+            agentEnvironment=ctx.agentEnvironment,
+            clientEnvironment=self.clientEnvironment,
+            user=ctx.user,
+            defaults=ctx.defaults,
+            overrides=ctx.overrides,
+            peer=(getattr(peer, "host", "0.0.0.0"), getattr(peer, "port", 0)),
+            local=(getattr(host, "host", "0.0.0.0"), getattr(host, "port", 0)),
+        )
+        protocol = _SessionProcessProtocol(self)
+        if self.pty is None:
+            env = sessionEnvironment(**envArgs)
+            self.process = ctx.reactor.spawnProcess(
+                protocol, shell, argv, env=env, path=ctx.user.home, usePTY=False
+            )
+        else:
+            master, slave = os.openpty()
+            try:
+                ttyName = os.ttyname(slave)
+                _applyModes(slave, self.pty.modes)
+                fcntl.ioctl(slave, termios.TIOCSWINSZ, _packWinSize(*self.pty.winSize))
+                env = sessionEnvironment(**envArgs, term=self.pty.term, ttyName=ttyName)
+                self.process = ctx.reactor.spawnProcess(
+                    protocol, shell, argv, env=env, path=ctx.user.home,
+                    usePTY=(master, slave, ttyName),
+                )
+            except BaseException:
+                os.close(master)
+                os.close(slave)
+                raise
+        # Stdin back-pressure: while the child is not reading, the client's
+        # window stays shut (see AgentConnection.reopenWindow).
+        self.process.registerProducer(self, True)
+
+    # -- IPushProducer, for the child's stdin --------------------------------
+
+    def pauseProducing(self) -> None:
+        self.consumerPaused = True
+
+    def resumeProducing(self) -> None:
+        self.consumerPaused = False
+        if not self._gone:
+            self.conn.reopenWindow(self)
+
+    def stopProducing(self) -> None:
+        self.consumerPaused = False
+
+    def _releaseStdin(self) -> None:
+        """Stop being the stdin producer before closing it.
+
+        Twisted's FileDescriptor, when drained with a paused producer,
+        resumes the producer instead of finishing a pending close; so the
+        producer must be gone first or the close never completes.
+        """
+        self.consumerPaused = False
+        self.process.unregisterProducer()
+
+    def _closeStdin(self) -> None:
+        self._releaseStdin()
+        if self.pty is None:
+            self.process.closeStdin()
+        else:
+            self.process.loseConnection()  # a PTY has one fd: closing it hangs up
+
+    # -- data from the client -----------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.subsystem is not None:
+            self.subsystem.dataReceived(data)
+        elif self.process is not None and not self._ended:
+            self.process.write(data)
+
+    def eofReceived(self) -> None:
+        if self.subsystem is not None:
+            # The SFTP client is done (this is also what keeps Debian's
+            # "SendEnv LANG LC_*" from hanging sftp at exit).
+            self.finish(0)
+        elif self.process is not None and not self._ended:
+            if self.pty is None:
+                self._closeStdin()
+        elif not self._started:
+            self.loseConnection()
+
+    # -- back-pressure on output ----------------------------------------------
+
+    def stopWriting(self) -> None:
+        if self.process is not None and not self._ended:
+            self.process.pauseProducing()
+
+    def startWriting(self) -> None:
+        if self.process is not None and not self._ended:
+            self.process.resumeProducing()
+
+    def addWindowBytes(self, data: int) -> None:
+        super().addWindowBytes(data)
+        if self._finishing is not None and not self.buf and not self.extBuf:
+            self._sendFinish()
+
+    # -- ending ----------------------------------------------------------------
+
+    def processEnded(self, reason: BaseException) -> None:
+        self._ended = True
+        if isinstance(reason, ProcessDone | ProcessTerminated):
+            sig = reason.signal
+            if sig is not None:
+                core = bool(reason.status is not None and os.WCOREDUMP(reason.status))
+                try:
+                    name = signal.Signals(sig).name[3:]
+                except ValueError:
+                    name = "KILL"
+                self.finish((name, core))
+                return
+            self.finish(reason.exitCode or 0)
+            return
+        self.finish(SESSION_ERROR_EXIT_STATUS)
+
+    def finish(self, status: int | tuple[str, bool]) -> None:
+        """End the channel with ``status``: an exit code or ``(signal, coreDumped)``.
+
+        Pending output goes first; the status is sent before EOF and CLOSE so
+        the client always learns it.
+        """
+        if self._finishing is not None or self._gone:
+            return
+        self._finishing = status
+        if not self.buf and not self.extBuf:
+            self._sendFinish()
+
+    def _sendFinish(self) -> None:
+        if self._finished or self._gone:
+            return
+        self._finished = True
+        status = self._finishing
+        if isinstance(status, tuple):
+            name, core = status
+            payload = common.NS(name.encode()) + (b"\x01" if core else b"\x00") + common.NS(b"") + common.NS(b"")
+            self.conn.sendRequest(self, b"exit-signal", payload)
+        else:
+            self.conn.sendRequest(self, b"exit-status", struct.pack(">L", int(status or 0) & 0xFFFFFFFF))
+        self.conn.sendEOF(self)
+        self.loseConnection()
+
+    def closeReceived(self) -> None:
+        # sshd's rule: the channel outlives the client's CLOSE until the
+        # child has been reaped and its status sent.
+        if self.process is not None and not self._ended:
+            self._closeStdin()
+            return
+        if self.subsystem is not None:
+            self.finish(0)
+            return
+        self.loseConnection()
+
+    def closed(self) -> None:
+        self._gone = True
+        if self.process is not None and not self._ended:
+            # Connection gone: hang up a terminal; close a plain command's
+            # pipes and let it finish, as sshd does.
+            self._releaseStdin()
+            self.process.loseConnection()
+        if self.subsystem is not None:
+            subsystem, self.subsystem = self.subsystem, None
+            subsystem.connectionLost(Failure(ConchError("session closed")))
+        if self.sftp is not None:
+            # Also closes files whose OPEN was still running in a thread.
+            self.sftp.connectionLost()

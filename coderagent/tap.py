@@ -1,0 +1,140 @@
+"""``twistd coder-agent``: parse the options and wire the services together.
+
+Wiring only.  Each concept is built by its own package (``ssh``, ``policy``,
+``coderd``, ``observe``) and added to one ``MultiService``; later
+capabilities (forwarding, boundary proxy, coderd client, metrics) are one
+more ``setServiceParent`` here, not a rewrite.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.logger import ILogObserver, Logger
+
+from coderagent.coderd.credentials import Credentials, CredentialsError, resolveCredentials
+from coderagent.listening import ListeningService
+from coderagent.observe.logs import agentLogObserver, openSink
+from coderagent.options import Options
+from coderagent.policy import Policy
+from coderagent.ssh.auth import makePortal
+from coderagent.ssh.avatar import AgentRealm
+from coderagent.ssh.environment import UserInfo
+from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
+from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
+from coderagent.ssh.session import SessionContext
+from coderagent.ssh.sftp import AgentSFTPServer
+
+__all__ = ["Options", "makeService"]
+
+log = Logger()
+
+
+class AgentService(MultiService):
+    """The agent's top service; also tells twistd where the agent logs.
+
+    twistd asks the application for an ``ILogObserver`` before it starts
+    logging, so registering one here makes ``--log-human`` the agent's log
+    destination however twistd was started.
+    """
+
+    def __init__(self, observer: ILogObserver | None) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        setComponent = getattr(parent, "setComponent", None)
+        if self.observer is not None and setComponent is not None:
+            setComponent(ILogObserver, self.observer)
+
+
+class StartupReport(Service):
+    """Says once, at start-up, what this agent is not doing yet."""
+
+    def __init__(self, credentials: Credentials, ignored: list[str]) -> None:
+        self.credentials = credentials
+        self.ignored = ignored
+
+    def startService(self) -> None:
+        super().startService()
+        if self.ignored:
+            log.info(
+                "options accepted for compatibility but ignored by coderagent: {names}",
+                names=", ".join(f"--{name}" for name in self.ignored),
+            )
+        log.info(
+            "coderd client not implemented yet: not connected to {url}; serving SSH regardless",
+            url=self.credentials.url,
+        )
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"coder-agent: {message}")
+
+
+def makeService(
+    options: Mapping[str, Any],
+    reactor: Any = None,
+    environ: Mapping[str, str] | None = None,
+) -> MultiService:
+    """Build the agent from parsed :class:`Options`."""
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    environ = dict(os.environ if environ is None else environ)
+
+    try:
+        credentials = resolveCredentials(
+            auth=options["auth"],
+            url=options["agent-url"],
+            token=options["agent-token"],
+            tokenFile=options["agent-token-file"],
+        )
+        hostKeys = loadHostKeys(options["ssh-host-key-dir"])
+    except (CredentialsError, HostKeyError) as e:
+        raise _fail(str(e)) from e
+
+    policy = Policy(
+        blockFileTransfer=options["block-file-transfer"],
+        blockLocalPortForwarding=options["block-local-port-forwarding"],
+        blockReversePortForwarding=options["block-reverse-port-forwarding"],
+    )
+    context = SessionContext(
+        policy=policy,
+        reactor=reactor,
+        user=UserInfo.current(environ),
+        agentEnvironment=environ,
+        sftpServer=AgentSFTPServer,
+    )
+    factory = AgentSSHFactory(
+        config=SSHConfig(
+            loginGraceTime=options["ssh-login-grace-time"],
+            maxAuthTries=options["ssh-max-auth-tries"],
+            maxTimeout=options["ssh-max-timeout"],
+        ),
+        portal=makePortal(AgentRealm(context), options["ssh-authorized-keys"]),
+        hostKeys=hostKeys,
+        reactor=reactor,
+    )
+
+    logPath = options["log-human"]
+    top = AgentService(agentLogObserver(openSink(logPath)) if logPath else None)
+    StartupReport(credentials, _ignored(options)).setServiceParent(top)
+    ListeningService(
+        reactor=reactor,
+        description=options["ssh-endpoint"],
+        factory=factory,
+        what="SSH server",
+        required=True,
+    ).setServiceParent(top)
+    return top
+
+
+def _ignored(options: Mapping[str, Any]) -> list[str]:
+    ignoredInUse = getattr(options, "ignoredOptionsInUse", None)
+    return list(ignoredInUse()) if ignoredInUse is not None else []

@@ -1,0 +1,227 @@
+"""Run the real agent (``twistd -n coder-agent``) and real OpenSSH clients.
+
+Tests talk to the agent the way a user does: a separate process started by
+twistd, reached over loopback with the system's ``ssh``/``sftp``/``scp``.  The
+agent's log (its ``--log-human`` stream, stderr) is read by a thread so the
+tests can wait for events such as "listening on" instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"SSH server listening on (\S+):(\d+)")
+START_TIMEOUT = 60.0
+TIMEOUT = 60.0
+
+
+def twistdCommand() -> list[str]:
+    """The twistd of the interpreter running the tests (the tox venv's)."""
+    candidate = Path(sys.executable).parent / "twistd"
+    if candidate.exists():
+        return [str(candidate)]
+    found = shutil.which("twistd")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; run()"]
+
+
+@dataclass
+class ClientKeys:
+    """An authorized client key, an unauthorized one, and the authorized_keys file."""
+
+    directory: Path
+    key: Path
+    otherKey: Path
+    authorizedKeys: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> ClientKeys:
+        directory.mkdir(parents=True, exist_ok=True)
+        key, other = directory / "id_ed25519", directory / "other_ed25519"
+        for path in (key, other):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+                check=True,
+            )
+        authorized = directory / "authorized_keys"
+        authorized.write_text(Path(f"{key}.pub").read_text())
+        return cls(directory, key, other, authorized)
+
+
+@dataclass
+class Agent:
+    """A running agent process and what it has logged so far."""
+
+    process: subprocess.Popen[str]
+    home: Path
+    host: str = ""
+    port: int = 0
+    lines: list[str] = field(default_factory=list)
+    _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    _cursor: int = 0
+
+    def _pump(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def waitForLog(self, pattern: str | re.Pattern[str], timeout: float = TIMEOUT) -> re.Match[str]:
+        """Block until a log line matches ``pattern`` (searching lines seen so far too)."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        for line in self.lines:
+            m = regex.search(line)
+            if m:
+                return m
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"agent never logged {regex.pattern!r}; log:\n{self.log()}")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self._queue.put(None)
+                raise AssertionError(
+                    f"agent exited ({self.process.wait()}) before logging {regex.pattern!r}; "
+                    f"log:\n{self.log()}"
+                )
+            self.lines.append(line)
+            m = regex.search(line)
+            if m:
+                return m
+
+    def drain(self) -> None:
+        """Collect whatever the log thread has read, without waiting."""
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if line is None:
+                self._queue.put(None)
+                return
+            self.lines.append(line)
+
+    def log(self) -> str:
+        self.drain()
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.drain()
+        return self.process.returncode
+
+
+def agentArgs(keys: ClientKeys, dataDir: Path, extra: Sequence[str] = ()) -> list[str]:
+    return [
+        "--ssh-endpoint=tcp:0:interface=127.0.0.1",
+        f"--ssh-authorized-keys={keys.authorizedKeys}",
+        f"--script-data-dir={dataDir}",
+        f"--log-dir={dataDir}",
+        "--agent-url=http://127.0.0.1:9",
+        "--agent-token=test-token",
+        *extra,
+    ]
+
+
+def agentEnvironment(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A clean environment: no CODER_AGENT_* leaking in from the developer's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODER_")}
+    env["HOME"] = str(home)
+    env["PYTHONUNBUFFERED"] = "1"
+    if "TOX_ENV_NAME" not in os.environ:
+        # Outside tox, run the working tree; under tox, the installed wheel
+        # (so the packaged twistd plugin is what every test exercises).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env.update(extra or {})
+    return env
+
+
+def spawnAgent(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*twistdCommand(), "-n", "--pidfile=", "coder-agent", *args],
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+    )
+
+
+@contextmanager
+def runningAgent(
+    keys: ClientKeys,
+    workdir: Path,
+    extraArgs: Sequence[str] = (),
+    extraEnv: Mapping[str, str] | None = None,
+) -> Iterator[Agent]:
+    """Start an agent on an ephemeral loopback port; stop it afterwards."""
+    home = workdir / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    data = workdir / "data"
+    proc = spawnAgent(agentArgs(keys, data, extraArgs), agentEnvironment(home, extraEnv))
+    agent = Agent(proc, home)
+    threading.Thread(target=agent._pump, daemon=True).start()
+    try:
+        m = agent.waitForLog(LISTENING, timeout=START_TIMEOUT)
+        agent.host, agent.port = m.group(1), int(m.group(2))
+        yield agent
+    finally:
+        agent.stop()
+
+
+def sshOptions(agent: Agent, key: Path) -> list[str]:
+    return [
+        "-F", "/dev/null",
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "ConnectTimeout=30",
+        "-i", str(key),
+        "-p", str(agent.port),
+    ]
+
+
+def ssh(
+    agent: Agent,
+    key: Path,
+    *args: str,
+    input: bytes | None = None,
+    timeout: float = TIMEOUT,
+    options: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the OpenSSH client against ``agent``; returns its exit status and output."""
+    return subprocess.run(
+        ["ssh", *sshOptions(agent, key), *options, f"coder@{agent.host}", *args],
+        input=input if input is not None else b"",
+        capture_output=True,
+        timeout=timeout,
+        env=dict(env) if env is not None else None,
+    )

@@ -1,0 +1,33 @@
+"""Shared fixtures: client keys and a running agent for integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.agentproc import Agent, ClientKeys, runningAgent
+
+
+@pytest.fixture(scope="session")
+def clientKeys(tmp_path_factory: pytest.TempPathFactory) -> ClientKeys:
+    return ClientKeys.create(tmp_path_factory.mktemp("client-keys"))
+
+
+@pytest.fixture(scope="module")
+def agent(clientKeys: ClientKeys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    """One agent with default options, shared by a test module."""
+    with runningAgent(clientKeys, tmp_path_factory.mktemp("agent")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def blockingAgent(
+    clientKeys: ClientKeys, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Agent]:
+    """An agent started with --block-file-transfer."""
+    with runningAgent(
+        clientKeys, tmp_path_factory.mktemp("agent-block"), ["--block-file-transfer"]
+    ) as running:
+        yield running
