@@ -69,7 +69,9 @@ class ListeningService(Service):
         endpoint = endpoints.serverFromString(self.reactor, self.description)
         endpoint.listen(self.factory).addBoth(results.append)
         if not results:  # every endpoint we use binds synchronously
-            raise SystemExit(f"coder-agent: {self.what}: listening on {self.description} did not complete")
+            raise SystemExit(
+                f"coder-agent: {self.what}: listening on {self.description} did not complete"
+            )
         result = results[0]
         if isinstance(result, Failure):
             message = f"cannot listen on {self.description}: {result.getErrorMessage()}"
@@ -89,5 +91,5 @@ class ListeningService(Service):
         self._attempted = False
         port, self.port = self.port, None
         if port is not None:
-            return port.stopListening()  # type: ignore[return-value]
+            return port.stopListening()
         return None

@@ -18,6 +18,7 @@ from twisted.logger import ILogObserver, Logger
 from coderagent.coderd.credentials import Credentials, CredentialsError, resolveCredentials
 from coderagent.listening import ListeningService
 from coderagent.observe.logs import agentLogObserver, openSink
+from coderagent.observe.metrics import AgentMetrics
 from coderagent.options import Options
 from coderagent.policy import Policy
 from coderagent.ssh.auth import makePortal
@@ -110,6 +111,7 @@ def makeService(
         user=UserInfo.current(environ),
         agentEnvironment=environ,
         sftpServer=AgentSFTPServer,
+        metrics=AgentMetrics(),
     )
     factory = AgentSSHFactory(
         config=SSHConfig(

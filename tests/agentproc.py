@@ -196,15 +196,24 @@ def runningAgent(
 
 def sshOptions(agent: Agent, key: Path) -> list[str]:
     return [
-        "-F", "/dev/null",
-        "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=no",
-        "-o", "UserKnownHostsFile=/dev/null",
-        "-o", "LogLevel=ERROR",
-        "-o", "IdentitiesOnly=yes",
-        "-o", "ConnectTimeout=30",
-        "-i", str(key),
-        "-p", str(agent.port),
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "ConnectTimeout=30",
+        "-i",
+        str(key),
+        "-p",
+        str(agent.port),
     ]
 
 

@@ -9,8 +9,13 @@ USER = UserInfo(name="dev", home="/home/dev", shell="/bin/bash")
 
 def build(**kw: object) -> dict[str, str]:
     args: dict[str, object] = dict(
-        agentEnvironment={"PATH": "/usr/bin", "CODER": "false", "CODER_AGENT_TOKEN": "secret",
-                          "USER": "root", "KEEP": "1"},
+        agentEnvironment={
+            "PATH": "/usr/bin",
+            "CODER": "false",
+            "CODER_AGENT_TOKEN": "secret",
+            "USER": "root",
+            "KEEP": "1",
+        },
         clientEnvironment=[("LANG", "C"), ("CODER_SSH_SESSION_TYPE", "vscode"), ("USER", "evil")],
         user=USER,
         defaults={"CODER": "true"},

@@ -34,7 +34,7 @@ def test_loose_mode_is_tightened(tmp_path: Path) -> None:
 def test_corrupt_key_is_a_clear_error(tmp_path: Path) -> None:
     loadHostKeys(str(tmp_path))
     (tmp_path / "ssh_host_rsa_key").write_text("garbage")
-    with pytest.raises(HostKeyError, match="cannot read SSH host key .*ssh_host_rsa_key"):
+    with pytest.raises(HostKeyError, match=r"cannot read SSH host key .*ssh_host_rsa_key"):
         loadHostKeys(str(tmp_path))
 
 

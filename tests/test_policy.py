@@ -11,8 +11,15 @@ BLOCKING = Policy(blockFileTransfer=True)
 
 @pytest.mark.parametrize(
     "command",
-    ["scp -t /x", "/usr/bin/scp -f y", "sftp", "rsync --server -e.Lsfx . x", "nc -l 1", "'rsync' a",
-     "  scp   -t x"],
+    [
+        "scp -t /x",
+        "/usr/bin/scp -f y",
+        "sftp",
+        "rsync --server -e.Lsfx . x",
+        "nc -l 1",
+        "'rsync' a",
+        "  scp   -t x",
+    ],
 )
 def test_transfer_commands_are_refused(command: str) -> None:
     assert BLOCKING.allowCommand(command) == Decision(False, "file transfer blocked")
@@ -39,7 +46,9 @@ def test_forwarding_directions_are_independent() -> None:
     local = Policy(blockLocalPortForwarding=True)
     reverse = Policy(blockReversePortForwarding=True)
     assert local.allowLocalForward("tcp", "h:1") == Decision(False, "port forwarding is disabled")
-    assert local.allowLocalForward("unix", "/s") == Decision(False, "local port forwarding is disabled")
+    assert local.allowLocalForward("unix", "/s") == Decision(
+        False, "local port forwarding is disabled"
+    )
     assert local.allowReverseForward("tcp", "h:1").allowed
     assert local.allowReverseForward("unix", "/s").allowed
     assert not reverse.allowReverseForward("tcp", "h:1").allowed

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import (
     FilteringLogObserver,
-    ILogObserver,
     ILogFilterPredicate,
+    ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     PredicateResult,
@@ -39,7 +39,7 @@ def openSink(path: str) -> IO[str]:
         return sys.stderr
     if path == "/dev/stdout":
         return sys.stdout
-    return open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the agent
+    return open(path, "a", encoding="utf-8", buffering=1)
 
 
 @implementer(ILogObserver)
@@ -84,8 +84,8 @@ class QuietConch:
         source = event.get("log_source")
         level = event.get("log_level", LogLevel.info)
         if source is not None and level < LogLevel.warn and _fromConch(source):
-            return PredicateResult.no
-        return PredicateResult.maybe
+            return cast(PredicateResult, PredicateResult.no)
+        return cast(PredicateResult, PredicateResult.maybe)
 
 
 def agentLogObserver(out: IO[str]) -> ILogObserver:

@@ -13,13 +13,12 @@ owner wrote.  Each refused line is logged with its line number.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.ssh import keys, userauth
-from twisted.cred.portal import Portal
+from twisted.cred.portal import IRealm, Portal
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -120,7 +119,7 @@ class AuthorizedKeysFile:
         return iter(parsed.keys)
 
 
-def makePortal(realm: object, authorizedKeysPath: str) -> Portal:
+def makePortal(realm: IRealm, authorizedKeysPath: str) -> Portal:
     """A portal whose only credential kind is an SSH public key."""
     return Portal(realm, [SSHPublicKeyChecker(AuthorizedKeysFile(authorizedKeysPath))])
 
@@ -134,7 +133,10 @@ class AgentUserAuthServer(userauth.SSHUserAuthServer):
     """
 
     def serviceStarted(self) -> None:
+        assert self.transport is not None
         factory = self.transport.factory
-        self.attemptsBeforeDisconnect = factory.config.maxAuthTries
+        # Conch disconnects when failures *exceed* this; sshd when they
+        # *reach* MaxAuthTries.  Match sshd.
+        self.attemptsBeforeDisconnect = factory.config.maxAuthTries - 1
         self.loginTimeout = factory.config.loginGraceTime
         super().serviceStarted()

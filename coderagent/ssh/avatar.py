@@ -18,12 +18,13 @@ from twisted.conch.ssh import connection
 from twisted.cred.portal import IRealm
 from zope.interface import implementer
 
+from coderagent.ssh.forwarding import installForwarding
 from coderagent.ssh.session import SessionChannel, SessionContext
 
 GlobalHandler = Callable[[bytes], Any]
 
 
-class AgentAvatar(ConchUser):  # type: ignore[misc]
+class AgentAvatar(ConchUser):
     """One authenticated SSH connection's user; runs everything as the agent's user."""
 
     def __init__(self, username: str, context: SessionContext) -> None:
@@ -32,6 +33,7 @@ class AgentAvatar(ConchUser):  # type: ignore[misc]
         self.context = context
         self.channelLookup = {b"session": self._openSession}
         self.globalRequests: dict[bytes, GlobalHandler] = {}
+        self.forwards = installForwarding(self)
 
     def _openSession(self, **kw: Any) -> SessionChannel:
         return SessionChannel(self.context, **kw)
@@ -52,6 +54,7 @@ class AgentAvatar(ConchUser):  # type: ignore[misc]
 
     def logout(self) -> None:
         """Called by the portal when the connection ends."""
+        self.forwards.close()  # every listener and socket file this connection made
 
 
 @implementer(IRealm)
@@ -62,9 +65,9 @@ class AgentRealm:
         self.context = context
 
     def requestAvatar(
-        self, avatarId: bytes, mind: object, *interfaces: Any
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
     ) -> tuple[Any, AgentAvatar, Callable[[], None]]:
-        if IConchUser not in interfaces:
-            raise NotImplementedError("coderagent only serves SSH")
+        if IConchUser not in interfaces or not isinstance(avatarId, bytes):
+            raise NotImplementedError("coderagent only serves SSH users")
         avatar = AgentAvatar(avatarId.decode("utf-8", "replace"), self.context)
         return IConchUser, avatar, avatar.logout

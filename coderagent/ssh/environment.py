@@ -15,7 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 #: Variables the client may send that upstream interprets instead of exporting.
-MAGIC_SESSION_VARIABLES = frozenset({"CODER_SSH_SESSION_TYPE", "CODER_CONTAINER", "CODER_CONTAINER_USER"})
+MAGIC_SESSION_VARIABLES = frozenset(
+    {"CODER_SSH_SESSION_TYPE", "CODER_CONTAINER", "CODER_CONTAINER_USER"}
+)
 
 #: Agent configuration that holds secrets; never inherited by sessions.
 SECRET_AGENT_VARIABLES = frozenset({"CODER_AGENT_TOKEN", "CODER_AGENT_HEADER"})

@@ -13,12 +13,13 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.conch.ssh import connection, factory, transport
+from twisted.conch.ssh import common, connection, factory, transport
 from twisted.conch.ssh.common import getNS
 from twisted.internet import protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from coderagent.ssh.auth import AgentUserAuthServer
 
@@ -85,8 +86,21 @@ class AgentServerTransport(transport.SSHServerTransport):
         self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"maximum connection time reached")
 
     def _peer(self) -> str:
+        if self.transport is None:
+            return "?"
         peer = self.transport.getPeer()
         return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+    def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
+        # Conch builds a fresh ssh-userauth service for every request, and
+        # with it a fresh failed-attempt counter and login timer: a client
+        # (paramiko does this) re-requesting the service would get unlimited
+        # tries.  Accept the repeat but keep the service that is counting.
+        name = getNS(packet)[0]
+        if name == b"ssh-userauth" and isinstance(self.service, AgentUserAuthServer):
+            self.sendPacket(transport.MSG_SERVICE_ACCEPT, common.NS(name))
+            return
+        super().ssh_SERVICE_REQUEST(packet)
 
     def setService(self, service: Any) -> None:
         super().setService(service)
@@ -120,7 +134,7 @@ class AgentServerTransport(transport.SSHServerTransport):
             code=reasonCode,
         )
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         for timer in (self._graceTimer, self._deadline):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -160,7 +174,9 @@ class AgentConnection(connection.SSHConnection):
 
     def _sendKeepalive(self) -> None:
         if self._missedKeepalives >= KEEPALIVE_COUNT_MAX:
-            log.info("closing connection from {peer}: keep-alive timeout", peer=self.transport._peer())
+            log.info(
+                "closing connection from {peer}: keep-alive timeout", peer=self.transport._peer()
+            )
             self.transport.sendDisconnect(
                 transport.DISCONNECT_CONNECTION_LOST, b"keep-alive timeout"
             )

@@ -80,7 +80,8 @@ def _loadOrCreate(directory: str, spec: _KeySpec) -> keys.Key:
         os.chmod(path, 0o600)
         log.warn("SSH host key {path} was readable by others; now mode 0600", path=path)
     try:
-        return keys.Key.fromFile(path)
+        loaded: keys.Key = keys.Key.fromFile(path)
+        return loaded
     except (keys.BadKeyError, ValueError) as e:
         raise HostKeyError(f"cannot read SSH host key {path}: {e}") from e
 

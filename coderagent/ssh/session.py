@@ -19,13 +19,13 @@ import os
 import signal
 import struct
 import termios
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.conch import ttymodes
 from twisted.conch.error import ConchError
 from twisted.conch.interfaces import ISFTPServer
-from twisted.conch import ttymodes
 from twisted.conch.ssh import channel, common, connection, session
 from twisted.conch.ssh.filetransfer import FileTransferServer
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from coderagent.observe.metrics import AgentMetrics
 from coderagent.policy import (
     FILE_TRANSFER_BLOCKED_EXIT_STATUS,
     FILE_TRANSFER_BLOCKED_MESSAGE,
@@ -49,13 +50,26 @@ log = Logger()
 SIGNALS: Mapping[str, signal.Signals] = {
     name: getattr(signal, "SIG" + name)
     for name in (
-        "ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL",
-        "PIPE", "QUIT", "SEGV", "TERM", "USR1", "USR2",
+        "ABRT",
+        "ALRM",
+        "FPE",
+        "HUP",
+        "ILL",
+        "INT",
+        "KILL",
+        "PIPE",
+        "QUIT",
+        "SEGV",
+        "TERM",
+        "USR1",
+        "USR2",
     )
 }
 
 #: Exit status for an internal failure to start the command (upstream's MagicSessionErrorCode).
 SESSION_ERROR_EXIT_STATUS = 229
+
+_NO_ADDRESS = "0.0.0.0"  # noqa: S104 - a placeholder in SSH_CLIENT, not a bind address
 
 #: Bound on ``env`` requests per channel: a peer controls this memory.
 MAX_ENV_REQUESTS = 1024
@@ -76,6 +90,7 @@ class SessionContext:
     defaults: Mapping[str, str] = field(default_factory=lambda: {"CODER": "true"})
     overrides: dict[str, str] = field(default_factory=dict)
     sftpServer: Callable[[str], ISFTPServer] | None = None
+    metrics: AgentMetrics | None = None
 
 
 @dataclass
@@ -94,14 +109,13 @@ def _applyModes(fd: int, modes: list[tuple[int, int]]) -> None:
     """Apply the client's RFC 4254 terminal modes to the PTY slave."""
     attr = termios.tcgetattr(fd)
     for opcode, value in modes:
-        spec = ttymodes.TTYMODES.get(opcode)
+        spec: Any = ttymodes.TTYMODES.get(opcode)
         if spec is None:
             continue
         if isinstance(spec, tuple):
-            flagName, bitName = spec
+            index, bitName = spec  # (termios attribute index, flag name)
             bit = getattr(termios, bitName, None)
-            index = getattr(termios, flagName, None)
-            if bit is None or index is None:
+            if bit is None:
                 continue
             attr[index] = attr[index] | bit if value else attr[index] & ~bit
         elif spec in ("ISPEED", "OSPEED"):
@@ -128,7 +142,7 @@ class _SessionProcessProtocol(ProcessProtocol):
         self.chan.writeExtended(connection.EXTENDED_DATA_STDERR, data)
 
     def processEnded(self, reason: Failure) -> None:
-        self.chan.processEnded(reason.value)
+        self.chan.processEnded(reason.value or ProcessTerminated())
 
 
 @implementer(ITransport)
@@ -141,24 +155,28 @@ class _SubsystemTransport:
     def write(self, data: bytes) -> None:
         self.chan.write(data)
 
-    def writeSequence(self, data: list[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.chan.write(b"".join(data))
 
     def loseConnection(self) -> None:
         self.chan.finish(0)
 
     def getPeer(self) -> IAddress:
-        return self.chan.conn.transport.transport.getPeer()  # type: ignore[no-any-return]
+        peer: IAddress = self.chan.conn.transport.transport.getPeer()
+        return peer
 
     def getHost(self) -> IAddress:
-        return self.chan.conn.transport.transport.getHost()  # type: ignore[no-any-return]
+        host: IAddress = self.chan.conn.transport.transport.getHost()
+        return host
 
 
 @implementer(IPushProducer)
-class SessionChannel(channel.SSHChannel):  # type: ignore[misc]
+class SessionChannel(channel.SSHChannel):
     """One SSH ``session`` channel and the process or subsystem it runs."""
 
     name = b"session"
+    #: The AgentConnection this channel lives on (Conch types it loosely).
+    conn: Any
 
     def __init__(self, context: SessionContext, **kw: Any) -> None:
         kw.setdefault("localWindow", CHANNEL_WINDOW)
@@ -194,6 +212,14 @@ class SessionChannel(channel.SSHChannel):  # type: ignore[misc]
                 error=repr(e),
             )
             return 0
+        except Exception:
+            # Conch would turn this into a silent failure reply; a bug of
+            # ours must leave a traceback in the log.
+            log.failure(
+                "session request {request} failed",
+                request=requestType.decode("ascii", "replace"),
+            )
+            return 0
 
     def _requestEnv(self, data: bytes) -> int:
         name, rest = common.getNS(data)
@@ -224,7 +250,9 @@ class SessionChannel(channel.SSHChannel):  # type: ignore[misc]
         self.pty.winSize = (rows, cols, xpx, ypx)
         if self.process is not None and not self._ended:
             try:
-                fcntl.ioctl(self.process.fileno(), termios.TIOCSWINSZ, _packWinSize(rows, cols, xpx, ypx))
+                fcntl.ioctl(
+                    self.process.fileno(), termios.TIOCSWINSZ, _packWinSize(rows, cols, xpx, ypx)
+                )
             except OSError as e:
                 log.warn("cannot resize terminal: {error}", error=e)
                 return 0
@@ -336,8 +364,9 @@ class SessionChannel(channel.SSHChannel):  # type: ignore[misc]
             user=ctx.user,
             defaults=ctx.defaults,
             overrides=ctx.overrides,
-            peer=(getattr(peer, "host", "0.0.0.0"), getattr(peer, "port", 0)),
-            local=(getattr(host, "host", "0.0.0.0"), getattr(host, "port", 0)),
+            # Upstream's placeholder when an address has no host/port.
+            peer=(getattr(peer, "host", _NO_ADDRESS), getattr(peer, "port", 0)),
+            local=(getattr(host, "host", _NO_ADDRESS), getattr(host, "port", 0)),
         )
         protocol = _SessionProcessProtocol(self)
         if self.pty is None:
@@ -353,7 +382,11 @@ class SessionChannel(channel.SSHChannel):  # type: ignore[misc]
                 fcntl.ioctl(slave, termios.TIOCSWINSZ, _packWinSize(*self.pty.winSize))
                 env = sessionEnvironment(**envArgs, term=self.pty.term, ttyName=ttyName)
                 self.process = ctx.reactor.spawnProcess(
-                    protocol, shell, argv, env=env, path=ctx.user.home,
+                    protocol,
+                    shell,
+                    argv,
+                    env=env,
+                    path=ctx.user.home,
                     usePTY=(master, slave, ttyName),
                 )
             except BaseException:
@@ -465,10 +498,17 @@ class SessionChannel(channel.SSHChannel):  # type: ignore[misc]
         status = self._finishing
         if isinstance(status, tuple):
             name, core = status
-            payload = common.NS(name.encode()) + (b"\x01" if core else b"\x00") + common.NS(b"") + common.NS(b"")
+            payload = (
+                common.NS(name.encode())
+                + (b"\x01" if core else b"\x00")
+                + common.NS(b"")
+                + common.NS(b"")
+            )
             self.conn.sendRequest(self, b"exit-signal", payload)
         else:
-            self.conn.sendRequest(self, b"exit-status", struct.pack(">L", int(status or 0) & 0xFFFFFFFF))
+            self.conn.sendRequest(
+                self, b"exit-status", struct.pack(">L", int(status or 0) & 0xFFFFFFFF)
+            )
         self.conn.sendEOF(self)
         self.loseConnection()
 

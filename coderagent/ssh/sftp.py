@@ -127,7 +127,7 @@ def _sftpError(code: int, message: str) -> SFTPError:
     escaped here.
     """
     text = message.encode("ascii", "backslashreplace").decode("ascii")
-    return SFTPError(code, text)  # type: ignore[no-untyped-call]
+    return SFTPError(code, text)
 
 
 def _fromOSError(e: OSError) -> SFTPError:
@@ -442,7 +442,7 @@ class _AgentFile:
         result: Deferred[_T] = Deferred()
 
         def start(_: object) -> Deferred[None]:
-            d = self._server._inThread(fn, self._fd, *args)
+            d: Deferred[Any] = self._server._inThread(fn, self._fd, *args)
             d.addBoth(self._finished)
             d.addBoth(result.callback)  # a Failure here errbacks ``result``
             return d  # the next queued operation waits for this one

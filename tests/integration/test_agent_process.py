@@ -18,25 +18,46 @@ from tests.agentproc import (
     agentArgs,
     agentEnvironment,
     runningAgent,
-    spawnAgent,
     ssh,
     sshOptions,
     twistdCommand,
 )
 
 UPSTREAM_FLAGS = [
-    "log-dir", "script-data-dir", "pprof-address", "agent-header-command", "agent-header",
-    "no-reap", "ssh-max-timeout", "tailnet-listen-port", "prometheus-address", "debug-address",
-    "log-human", "log-json", "log-stackdriver", "block-file-transfer",
-    "block-reverse-port-forwarding", "block-local-port-forwarding", "devcontainers-enable",
-    "devcontainers-project-discovery-enable", "devcontainers-discovery-autostart-enable",
-    "socket-server-enabled", "socket-path", "boundary-log-proxy-socket-path", "auth",
-    "agent-token", "agent-token-file", "agent-url",
-    "ssh-endpoint", "ssh-authorized-keys",
+    "log-dir",
+    "script-data-dir",
+    "pprof-address",
+    "agent-header-command",
+    "agent-header",
+    "no-reap",
+    "ssh-max-timeout",
+    "tailnet-listen-port",
+    "prometheus-address",
+    "debug-address",
+    "log-human",
+    "log-json",
+    "log-stackdriver",
+    "block-file-transfer",
+    "block-reverse-port-forwarding",
+    "block-local-port-forwarding",
+    "devcontainers-enable",
+    "devcontainers-project-discovery-enable",
+    "devcontainers-discovery-autostart-enable",
+    "socket-server-enabled",
+    "socket-path",
+    "boundary-log-proxy-socket-path",
+    "auth",
+    "agent-token",
+    "agent-token-file",
+    "agent-url",
+    "ssh-endpoint",
+    "ssh-authorized-keys",
 ]
 
 
-def runToExit(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def runToExit(
+    args: list[str], env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*twistdCommand(), "-n", "--pidfile=", "coder-agent", *args],
         env=env,
@@ -51,8 +72,14 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     for flag in UPSTREAM_FLAGS:
         assert f"--{flag}" in result.stdout, flag
-    for env in ["CODER_AGENT_LOGGING_HUMAN", "CODER_AGENT_BLOCK_FILE_TRANSFER", "CODER_AGENT_TOKEN",
-                "CODER_AGENT_URL", "CODER_AGENT_SSH_ENDPOINT", "CODER_AGENT_SSH_MAX_TIMEOUT"]:
+    for env in [
+        "CODER_AGENT_LOGGING_HUMAN",
+        "CODER_AGENT_BLOCK_FILE_TRANSFER",
+        "CODER_AGENT_TOKEN",
+        "CODER_AGENT_URL",
+        "CODER_AGENT_SSH_ENDPOINT",
+        "CODER_AGENT_SSH_MAX_TIMEOUT",
+    ]:
         assert env in result.stdout, env
     assert "72h" in result.stdout
 
@@ -87,7 +114,9 @@ def test_bad_option_values_stop_with_one_line(
         ("--agent-token", "Either CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE must be set"),
     ],
 )
-def test_missing_auth_options(clientKeys: ClientKeys, tmp_path: Path, drop: str, message: str) -> None:
+def test_missing_auth_options(
+    clientKeys: ClientKeys, tmp_path: Path, drop: str, message: str
+) -> None:
     args = [a for a in agentArgs(clientKeys, tmp_path) if not a.startswith(drop)]
     result = runToExit(args, agentEnvironment(tmp_path))
     assert result.returncode != 0
@@ -102,7 +131,9 @@ def test_token_file_and_unsupported_auth(clientKeys: ClientKeys, tmp_path: Path)
     assert result.stderr.strip() == (
         "coder-agent: CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE must be set for token auth"
     )
-    result = runToExit([*base, "--agent-token=t", "--auth=aws-instance-identity"], agentEnvironment(tmp_path))
+    result = runToExit(
+        [*base, "--agent-token=t", "--auth=aws-instance-identity"], agentEnvironment(tmp_path)
+    )
     assert result.returncode != 0 and "not supported" in result.stderr
 
 
@@ -114,11 +145,15 @@ def test_bind_failure_stops_the_agent(clientKeys: ClientKeys, tmp_path: Path) ->
         args = [*agentArgs(clientKeys, tmp_path), f"--ssh-endpoint=tcp:{port}:interface=127.0.0.1"]
         result = runToExit(args, agentEnvironment(tmp_path))
     assert result.returncode != 0
-    assert f"coder-agent: SSH server: cannot listen on tcp:{port}:interface=127.0.0.1" in result.stderr
+    assert (
+        f"coder-agent: SSH server: cannot listen on tcp:{port}:interface=127.0.0.1" in result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 
-def test_env_endpoint_and_ignored_options_are_logged(clientKeys: ClientKeys, tmp_path: Path) -> None:
+def test_env_endpoint_and_ignored_options_are_logged(
+    clientKeys: ClientKeys, tmp_path: Path
+) -> None:
     env = {"CODER_AGENT_DEVCONTAINERS_ENABLE": "false", "CODER_AGENT_TAILNET_LISTEN_PORT": "41641"}
     with runningAgent(clientKeys, tmp_path, extraEnv=env) as running:
         line = running.waitForLog(r"ignored by coderagent: (.*)").group(1)
@@ -149,11 +184,20 @@ def test_host_key_is_kept_across_restarts(clientKeys: ClientKeys, tmp_path: Path
         # ... and the pinned key is accepted by a strict client.
         known = tmp_path / "known_hosts"
         known.write_bytes(f"[{second.host}]:{second.port} ".encode() + key)
-        options = [o for o in sshOptions(second, clientKeys.key) if "StrictHostKeyChecking" not in o
-                   and "UserKnownHostsFile" not in o]
+        options = sshOptions(second, clientKeys.key)
+        for name in ("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null"):
+            del options[options.index(name) - 1 : options.index(name) + 1]
         result = subprocess.run(
-            ["ssh", *options, "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
-             f"coder@{second.host}", "echo pinned"],
+            [
+                "ssh",
+                *options,
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                f"UserKnownHostsFile={known}",
+                f"coder@{second.host}",
+                "echo pinned",
+            ],
             capture_output=True,
             timeout=60,
         )
@@ -170,7 +214,9 @@ def test_keys_with_options_are_refused_and_logged(clientKeys: ClientKeys, tmp_pa
         assert ssh(running, keys.key, "true").returncode == 0
         refused = ssh(running, keys.otherKey, "true")
         assert refused.returncode == 255 and b"Permission denied" in refused.stderr
-        running.waitForLog(r"line 2: key options 'restrict,command=\"echo hi, there\"' are not supported")
+        running.waitForLog(
+            r"line 2: key options 'restrict,command=\"echo hi, there\"' are not supported"
+        )
 
 
 def test_unauthenticated_connections_time_out(clientKeys: ClientKeys, tmp_path: Path) -> None:
@@ -208,7 +254,9 @@ def test_failed_attempts_are_bounded(clientKeys: ClientKeys, tmp_path: Path) -> 
             transport.close()
 
 
-def test_max_timeout_below_three_seconds_is_a_deadline(clientKeys: ClientKeys, tmp_path: Path) -> None:
+def test_max_timeout_below_three_seconds_is_a_deadline(
+    clientKeys: ClientKeys, tmp_path: Path
+) -> None:
     with runningAgent(clientKeys, tmp_path, ["--ssh-max-timeout=1s"]) as running:
         started = time.monotonic()
         result = ssh(running, clientKeys.key, "sleep 30; echo finished", timeout=30)
@@ -224,8 +272,12 @@ def test_keepalive_closes_an_unresponsive_client(clientKeys: ClientKeys, tmp_pat
         assert (alive.returncode, alive.stdout) == (0, b"alive\n")
         # ... a frozen one is dropped after three unanswered keep-alives.
         proc = subprocess.Popen(
-            ["ssh", *sshOptions(running, clientKeys.key), f"coder@{running.host}",
-             "echo up; exec sleep 60"],
+            [
+                "ssh",
+                *sshOptions(running, clientKeys.key),
+                f"coder@{running.host}",
+                "echo up; exec sleep 60",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,

@@ -23,7 +23,9 @@ def test_blocked_exec(blockingAgent: Agent, clientKeys: ClientKeys, command: str
     assert (result.returncode, result.stdout) == (65, BLOCKED)
 
 
-def test_blocked_exec_is_logged_with_the_command(blockingAgent: Agent, clientKeys: ClientKeys) -> None:
+def test_blocked_exec_is_logged_with_the_command(
+    blockingAgent: Agent, clientKeys: ClientKeys
+) -> None:
     ssh(blockingAgent, clientKeys.key, "rsync --version")
     blockingAgent.waitForLog(r"file transfer blocked: command 'rsync --version' refused")
 
@@ -41,9 +43,17 @@ def test_login_shell_is_not_affected(blockingAgent: Agent, clientKeys: ClientKey
     assert b"shell-ok" in result.stdout
 
 
-def test_sftp_subsystem_is_refused(blockingAgent: Agent, clientKeys: ClientKeys, tmp_path: Path) -> None:
+def test_sftp_subsystem_is_refused(
+    blockingAgent: Agent, clientKeys: ClientKeys, tmp_path: Path
+) -> None:
     result = subprocess.run(
-        ["sftp", *_clientOptions(blockingAgent, clientKeys), "-b", "-", f"coder@{blockingAgent.host}"],
+        [
+            "sftp",
+            *_clientOptions(blockingAgent, clientKeys),
+            "-b",
+            "-",
+            f"coder@{blockingAgent.host}",
+        ],
         input=b"ls\n",
         capture_output=True,
         timeout=60,
@@ -64,8 +74,13 @@ def test_scp_is_refused(blockingAgent: Agent, clientKeys: ClientKeys, tmp_path: 
     source.write_bytes(b"data")
     for legacy in ([], ["-O"]):  # SFTP mode and the old scp protocol
         result = subprocess.run(
-            ["scp", *legacy, *_clientOptions(blockingAgent, clientKeys), str(source),
-             f"coder@{blockingAgent.host}:copied"],
+            [
+                "scp",
+                *legacy,
+                *_clientOptions(blockingAgent, clientKeys),
+                str(source),
+                f"coder@{blockingAgent.host}:copied",
+            ],
             capture_output=True,
             timeout=60,
         )

@@ -46,9 +46,7 @@ def test_environment(agent: Agent, clientKeys: ClientKeys) -> None:
         options=["-o", "SetEnv=FROM_CLIENT=sent CODER_SSH_SESSION_TYPE=vscode"],
     )
     assert result.returncode == 0, result.stderr
-    env = dict(
-        line.split("=", 1) for line in result.stdout.decode().splitlines() if "=" in line
-    )
+    env = dict(line.split("=", 1) for line in result.stdout.decode().splitlines() if "=" in line)
     user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
     assert env["FROM_CLIENT"] == "sent"
     assert "CODER_SSH_SESSION_TYPE" not in env  # interpreted, not exported
@@ -66,7 +64,9 @@ def test_environment(agent: Agent, clientKeys: ClientKeys) -> None:
 
 def test_send_env(agent: Agent, clientKeys: ClientKeys) -> None:
     env = dict(os.environ, LC_COLOUR="teal")
-    result = ssh(agent, clientKeys.key, "echo $LC_COLOUR", options=["-o", "SendEnv=LC_COLOUR"], env=env)
+    result = ssh(
+        agent, clientKeys.key, "echo $LC_COLOUR", options=["-o", "SendEnv=LC_COLOUR"], env=env
+    )
     assert (result.returncode, result.stdout) == (0, b"teal\n")
 
 
@@ -95,8 +95,10 @@ def test_only_publickey_is_offered(agent: Agent, clientKeys: ClientKeys) -> None
         clientKeys.key,
         "true",
         options=[
-            "-o", "PubkeyAuthentication=no",
-            "-o", "PreferredAuthentications=password,keyboard-interactive,publickey",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive,publickey",
         ],
     )
     assert result.returncode == 255

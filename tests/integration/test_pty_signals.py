@@ -103,7 +103,9 @@ def test_tty_modes_are_applied(agent: Agent, clientKeys: ClientKeys) -> None:
         assert term.close() == 0
 
 
-async def _run(agent: Agent, clientKeys: ClientKeys, script: str, signame: str) -> asyncssh.SSHCompletedProcess:
+async def _run(
+    agent: Agent, clientKeys: ClientKeys, script: str, signame: str
+) -> asyncssh.SSHCompletedProcess:
     async with asyncssh.connect(
         agent.host,
         agent.port,
@@ -120,8 +122,12 @@ async def _run(agent: Agent, clientKeys: ClientKeys, script: str, signame: str) 
 
 
 @pytest.mark.parametrize("signame", ["USR1", "HUP", "INT", "TERM", "QUIT", "USR2", "ALRM"])
-def test_named_signal_reaches_the_process(agent: Agent, clientKeys: ClientKeys, signame: str) -> None:
-    script = f"trap 'echo got-{signame}; exit 9' {signame}; echo ready; while :; do sleep 0.05; done"
+def test_named_signal_reaches_the_process(
+    agent: Agent, clientKeys: ClientKeys, signame: str
+) -> None:
+    script = (
+        f"trap 'echo got-{signame}; exit 9' {signame}; echo ready; while :; do sleep 0.05; done"
+    )
     result = asyncio.run(_run(agent, clientKeys, script, signame))
     assert result.stdout == f"got-{signame}\n"
     assert result.exit_status == 9

@@ -22,7 +22,14 @@ def sftp(
     agent: Agent, clientKeys: ClientKeys, batch: str, cwd: Path, extra: list[str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        ["sftp", *_clientOptions(agent, clientKeys), *(extra or []), "-b", "-", f"coder@{agent.host}"],
+        [
+            "sftp",
+            *_clientOptions(agent, clientKeys),
+            *(extra or []),
+            "-b",
+            "-",
+            f"coder@{agent.host}",
+        ],
         input=batch.encode(),
         capture_output=True,
         cwd=cwd,
@@ -70,19 +77,30 @@ ls -l
     assert sorted(p.name for p in remote.iterdir()) == ["keep"]
 
 
-def test_sftp_missing_file_is_an_error(agent: Agent, clientKeys: ClientKeys, tmp_path: Path) -> None:
+def test_sftp_missing_file_is_an_error(
+    agent: Agent, clientKeys: ClientKeys, tmp_path: Path
+) -> None:
     result = sftp(agent, clientKeys, "get does-not-exist\n", tmp_path)
     assert result.returncode == 1
     assert b"not found" in result.stderr.lower() or b"no such file" in result.stderr.lower()
 
 
-def test_sftp_exits_with_debian_sendenv(agent: Agent, clientKeys: ClientKeys, tmp_path: Path) -> None:
+def test_sftp_exits_with_debian_sendenv(
+    agent: Agent, clientKeys: ClientKeys, tmp_path: Path
+) -> None:
     # Debian's ssh_config sends LANG/LC_* before the subsystem request; the
     # session must still close when sftp is done instead of hanging.
     env = dict(os.environ, LANG="C.UTF-8", LC_ALL="C.UTF-8")
     result = subprocess.run(
-        ["sftp", *_clientOptions(agent, clientKeys), "-o", "SendEnv=LANG LC_*", "-b", "-",
-         f"coder@{agent.host}"],
+        [
+            "sftp",
+            *_clientOptions(agent, clientKeys),
+            "-o",
+            "SendEnv=LANG LC_*",
+            "-b",
+            "-",
+            f"coder@{agent.host}",
+        ],
         input=b"pwd\n",
         capture_output=True,
         timeout=TIMEOUT,
