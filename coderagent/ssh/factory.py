@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.conch.ssh import common, connection, factory, transport
+from twisted.conch.ssh import common, factory, transport
 from twisted.conch.ssh.common import getNS
 from twisted.internet import protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coderagent.ssh.auth import AgentUserAuthServer
+from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 
 log = Logger()
 
@@ -142,7 +143,7 @@ class AgentServerTransport(transport.SSHServerTransport):
         super().connectionLost(reason)
 
 
-class AgentConnection(connection.SSHConnection):
+class AgentConnection(DeferredOpenConnection):
     """``ssh-connection`` with keep-alives and consumer-driven window re-opening.
 
     Keep-alives follow upstream's ``--ssh-max-timeout``: every max/3 we ask the

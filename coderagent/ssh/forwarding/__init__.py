@@ -1,0 +1,52 @@
+"""Port and Unix-socket forwarding: the four paths upstream serves.
+
+=========================================  ===========  =========================
+request                                    direction    module
+=========================================  ===========  =========================
+``direct-tcpip`` channel                   local        :mod:`.tcp`
+``tcpip-forward`` / ``cancel-…`` global    reverse      :mod:`.tcp`
+``direct-streamlocal@openssh.com``         local        :mod:`.streamlocal`
+``streamlocal-forward@openssh.com`` / …    reverse      :mod:`.streamlocal`
+=========================================  ===========  =========================
+
+Every path asks the :class:`~coderagent.policy.Policy` first and moves bytes
+through :mod:`.relay` (half-close, back-pressure).  What one SSH connection
+creates is tracked in its :class:`~.registry.Forwards` and closed with it.
+``direct-*`` opens answer only once connected, which needs the connection
+class from :mod:`.opening`.
+
+This package's ``__init__`` imports nothing at module level, so that
+``coderagent.ssh.factory`` can import :mod:`.opening` while the forwarders
+themselves import the factory's window sizes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coderagent.ssh.forwarding.registry import Forwards
+
+__all__ = ["installForwarding"]
+
+
+def installForwarding(avatar: Any) -> Forwards:
+    """Serve the four forwarding paths on ``avatar``'s dispatch tables.
+
+    Returns the connection's :class:`~.registry.Forwards`; call its
+    ``close()`` when the connection ends.
+    """
+    from coderagent.ssh.forwarding.registry import Forwards
+    from coderagent.ssh.forwarding.streamlocal import StreamLocalForwarding
+    from coderagent.ssh.forwarding.tcp import TCPForwarding
+
+    forwards = Forwards(avatar)
+    tcp = TCPForwarding(forwards)
+    unix = StreamLocalForwarding(forwards)
+    avatar.channelLookup[b"direct-tcpip"] = tcp.openDirect
+    avatar.channelLookup[b"direct-streamlocal@openssh.com"] = unix.openDirect
+    avatar.globalRequests[b"tcpip-forward"] = tcp.forward
+    avatar.globalRequests[b"cancel-tcpip-forward"] = tcp.cancel
+    avatar.globalRequests[b"streamlocal-forward@openssh.com"] = unix.forward
+    avatar.globalRequests[b"cancel-streamlocal-forward@openssh.com"] = unix.cancel
+    return forwards

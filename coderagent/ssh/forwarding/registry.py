@@ -1,0 +1,213 @@
+"""Per-connection bookkeeping shared by the TCP and Unix-socket forwarders.
+
+One :class:`Forwards` lives on each authenticated SSH connection.  It holds
+the listeners that connection created (so they all close when it ends, and
+one connection can never cancel another's), answers who the peer is for log
+lines, and accounts for refusals: every one is logged at WARN with what was
+asked for and counted in ``agent_ssh_forwarding_refused_total``.
+
+It also holds :class:`Payload`, a strict reader for request payloads: each
+length is checked against what is left, so truncated, mistyped or absurdly
+long fields become :class:`MalformedPayload`, never an exception that escapes
+into Conch.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.conch.error import ConchError
+from twisted.conch.ssh.connection import OPEN_CONNECT_FAILED, SSHConnection
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from coderagent.ssh.forwarding.opening import DeferredOpenConnection
+
+if TYPE_CHECKING:
+    from coderagent.policy import Decision, Policy
+
+log = Logger()
+
+_U32 = struct.Struct(">L")
+
+
+class MalformedPayload(ValueError):
+    """A request payload that does not have the fields its type requires."""
+
+
+class Payload:
+    """Reads SSH wire fields (RFC 4251 §5) from one request's payload."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def uint32(self) -> int:
+        end = self._pos + 4
+        if end > len(self._data):
+            raise MalformedPayload("truncated uint32")
+        (value,) = _U32.unpack_from(self._data, self._pos)
+        self._pos = end
+        return int(value)
+
+    def string(self) -> bytes:
+        length = self.uint32()
+        end = self._pos + length
+        if end > len(self._data):
+            raise MalformedPayload(
+                f"string of {length} bytes with {len(self._data) - self._pos} left"
+            )
+        value = self._data[self._pos : end]
+        self._pos = end
+        return value
+
+    def text(self) -> str:
+        """A string field that must be UTF-8 (host names)."""
+        try:
+            return self.string().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MalformedPayload("string is not UTF-8") from e
+
+    def path(self) -> str:
+        """A file system path: any bytes but NUL, decoded as the OS does."""
+        raw = self.string()
+        if not raw or b"\0" in raw:
+            raise MalformedPayload("empty path or NUL in path")
+        return os.fsdecode(raw)
+
+    def port(self) -> int:
+        value = self.uint32()
+        if value > 0xFFFF:
+            raise MalformedPayload(f"port {value} out of range")
+        return value
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            raise MalformedPayload(f"{len(self._data) - self._pos} unexpected trailing bytes")
+
+
+def hostPort(host: str, port: int) -> str:
+    """``host:port``, bracketing IPv6 literals."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Listener(Protocol):
+    """A listener a forward created: ``description`` is what it listens on."""
+
+    description: str
+
+    def close(self) -> Deferred[None] | None:
+        """Stop listening; may return a Deferred that fires once the socket is closed."""
+
+
+class Forwards:
+    """What one SSH connection has forwarded, and how to tell about it."""
+
+    def __init__(self, avatar: Any) -> None:
+        self.avatar = avatar
+        self.context = avatar.context
+        #: Listeners this connection asked for, keyed by (kind, address).
+        self.listeners: dict[tuple[str, str, int], Listener] = {}
+        self.closed = False
+
+    @property
+    def policy(self) -> Policy:
+        policy: Policy = self.context.policy
+        return policy
+
+    @property
+    def reactor(self) -> Any:
+        return self.context.reactor
+
+    def peer(self) -> str:
+        """The SSH client's address, for log lines."""
+        try:
+            peer = self.avatar.conn.transport.transport.getPeer()
+        except AttributeError:
+            return "?"
+        return hostPort(str(getattr(peer, "host", "?")), int(getattr(peer, "port", 0)))
+
+    def refused(self, direction: str, transport: str, decision: Decision, what: str) -> None:
+        """Account for one policy refusal: a WARN line and the counter."""
+        log.warn(
+            "{kind} blocked: {what} from {peer}: {reason}",
+            kind=_KIND[direction, transport],
+            what=what,
+            peer=self.peer(),
+            reason=decision.reason,
+            direction=direction,
+            transport=transport,
+        )
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is not None:
+            metrics.forwardingRefused(direction, transport)
+
+    def requireDeferredOpens(self) -> None:
+        """Refuse to connect on a connection that would confirm before the connect.
+
+        ``direct-*`` openers answer with a Deferred, which only
+        :class:`~.opening.DeferredOpenConnection` understands; stock Conch
+        would confirm something that is not a channel.
+        """
+        conn = getattr(self.avatar, "conn", None)
+        if isinstance(conn, SSHConnection) and not isinstance(conn, DeferredOpenConnection):
+            log.error(
+                "{conn} cannot wait for a connect; build the SSH connection service on "
+                "coderagent.ssh.forwarding.opening.DeferredOpenConnection",
+                conn=type(conn).__qualname__,
+            )
+            raise ConchError("local forwarding is not available", OPEN_CONNECT_FAILED)
+
+    def malformed(self, request: str, error: Exception) -> None:
+        log.warn(
+            "malformed {request} request from {peer} refused: {error}",
+            request=request,
+            peer=self.peer(),
+            error=str(error),
+        )
+
+    def add(self, key: tuple[str, str, int], listener: Listener) -> None:
+        self.listeners[key] = listener
+
+    def remove(self, key: tuple[str, str, int]) -> bool:
+        """Close this connection's listener ``key``; False if there is none."""
+        listener = self.listeners.pop(key, None)
+        if listener is None:
+            return False
+        self._close(listener)
+        return True
+
+    def close(self) -> None:
+        """Close every listener this connection created (it is going away)."""
+        self.closed = True
+        listeners, self.listeners = self.listeners, {}
+        for listener in listeners.values():
+            self._close(listener)
+
+    def _close(self, listener: Listener) -> None:
+        peer = self.peer()
+
+        def closed(_: object) -> None:
+            # Logged once the socket is really gone (and its file removed).
+            log.info("stopped forwarding {what} for {peer}", what=listener.description, peer=peer)
+
+        def failed(reason: Failure) -> None:
+            log.failure(
+                "closing forwarding listener {what} failed", reason, what=listener.description
+            )
+
+        maybeDeferred(listener.close).addCallbacks(closed, failed)
+
+
+#: Upstream's log texts for each kind of refusal.
+_KIND = {
+    ("local", "tcp"): "local port forward",
+    ("local", "unix"): "unix local port forward",
+    ("reverse", "tcp"): "reverse port forward",
+    ("reverse", "unix"): "unix reverse port forward",
+}

@@ -1,0 +1,241 @@
+"""Unix-socket forwarding: ``direct-streamlocal@openssh.com`` and
+``streamlocal-forward@openssh.com`` (``ssh -L``/``-R`` with socket paths).
+
+Behaviour follows upstream (agentssh ``forward.go`` after coder#11631) and
+OpenSSH's ``PROTOCOL`` §2.4:
+
+* ``direct-streamlocal``: payload ``{path, reserved string, reserved uint32}``;
+  the socket is connected before the open is answered, and a failure reads
+  ``dial unix socket "<path>": <why>``.
+* ``streamlocal-forward``: payload ``{path}``.  The parent directory is
+  created (0700), a stale socket or regular file at the path is unlinked, and
+  the listener is keyed by this SSH connection and path: asking for the same
+  path twice on one connection succeeds (so ``ExitOnForwardFailure`` keeps
+  working).  Each accepted connection opens
+  ``forwarded-streamlocal@openssh.com`` with ``{path, reserved string}``.
+* The socket file goes when the forward is cancelled or the SSH connection
+  ends, but only while it is still ours: another connection may have taken
+  the path over since (upstream allows that), and its socket must survive.
+* Sockets are created mode 0600, like sshd (``StreamLocalBindMask 0177``):
+  only the agent's user may connect to a forwarded socket.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from twisted.conch.error import ConchError
+from twisted.conch.ssh import common, connection
+from twisted.internet import error, tcp, unix
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from coderagent.ssh.forwarding.registry import Forwards, MalformedPayload, Payload
+from coderagent.ssh.forwarding.relay import OneSocketFactory, RelayChannel, SocketSide
+from coderagent.ssh.forwarding.tcp import CONNECT_TIMEOUT, UNPARSED, describeConnectError
+
+log = Logger()
+
+#: Mode of a forwarded socket file (sshd's default StreamLocalBindMask is 0177).
+SOCKET_MODE = 0o600
+
+
+def displayPath(path: str) -> str:
+    """``path`` made safe to log and to put on the wire (undecodable bytes replaced)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _goQuote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _ForwardedUnixFactory(Factory):
+    noisy = False
+
+    def __init__(self, forwards: Forwards, path: str) -> None:
+        self.forwards = forwards
+        self.path = path
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        conn = getattr(self.forwards.avatar, "conn", None)
+        if self.forwards.closed or conn is None:
+            return None
+        return _AcceptedUnix(self, conn)
+
+
+class _AcceptedUnix(SocketSide):
+    def __init__(self, factory: _ForwardedUnixFactory, conn: Any) -> None:
+        self.factory = factory
+        self.conn = conn
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        chan = RelayChannel(
+            self,
+            name=b"forwarded-streamlocal@openssh.com",
+            conn=self.conn,
+            avatar=self.factory.forwards.avatar,
+        )
+        self.conn.openChannel(chan, common.NS(os.fsencode(self.factory.path)) + common.NS(b""))
+
+
+class UnixForwardPort(unix.Port):
+    """A Unix listener that unlinks its socket file only if the file is still its own."""
+
+    identity: tuple[int, int] | None = None
+
+    def __init__(self, path: str, factory: Factory, reactor: Any) -> None:
+        super().__init__(os.fsencode(path), factory, mode=SOCKET_MODE, reactor=reactor)
+        self.path = path
+        self.description = displayPath(path)
+
+    def startListening(self) -> None:
+        super().startListening()
+        st = os.stat(self.path)
+        self.identity = (st.st_dev, st.st_ino)
+
+    def connectionLost(self, reason: Failure) -> None:
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self.identity:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        # Skip unix.Port.connectionLost: it unlinks the path unconditionally.
+        tcp.Port.connectionLost(self, reason)
+
+    def close(self) -> Deferred[None] | None:
+        closing: Deferred[None] | None = self.stopListening()
+        return closing
+
+
+def _removeStale(path: str) -> None:
+    """Unlink a leftover socket (or regular file) at ``path``; never a directory."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        return  # binding will fail with "address in use"
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class StreamLocalForwarding:
+    """The Unix-socket half of one SSH connection's forwarding."""
+
+    def __init__(self, forwards: Forwards) -> None:
+        self.forwards = forwards
+
+    # -- direct-streamlocal@openssh.com -----------------------------------------
+
+    def openDirect(
+        self, *, remoteWindow: int, remoteMaxPacket: int, data: bytes, avatar: Any
+    ) -> Deferred[RelayChannel]:
+        f = self.forwards
+        # Decided before the payload is parsed, as upstream does.
+        target = _peekPath(data)
+        decision = f.policy.allowLocalForward("unix", target)
+        if not decision.allowed:
+            f.refused("local", "unix", decision, f"direct-streamlocal to {target}")
+            raise ConchError(decision.reason, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+        try:
+            payload = Payload(data)
+            path = payload.path()
+            payload.string()  # reserved
+            payload.uint32()  # reserved
+            payload.end()
+        except MalformedPayload as e:
+            f.malformed("direct-streamlocal@openssh.com", e)
+            raise ConchError(
+                "could not parse direct-streamlocal@openssh.com channel payload",
+                connection.OPEN_CONNECT_FAILED,
+            ) from None
+        f.requireDeferredOpens()
+        sock = SocketSide()
+        endpoint = UNIXClientEndpoint(f.reactor, path, timeout=CONNECT_TIMEOUT)
+
+        def connected(_: object) -> RelayChannel:
+            return RelayChannel(
+                sock, remoteWindow=remoteWindow, remoteMaxPacket=remoteMaxPacket, avatar=avatar
+            )
+
+        def failed(reason: Failure) -> Failure:
+            if reason.check(CancelledError):
+                return reason  # the SSH connection went away first
+            shown = displayPath(path)
+            why = describeConnectError(reason.value, shown)
+            message = f"dial unix socket {_goQuote(shown)}: dial unix {shown}: {why}"
+            log.info(
+                "direct-streamlocal from {peer} failed: {message}", peer=f.peer(), message=message
+            )
+            return Failure(ConchError(message, connection.OPEN_CONNECT_FAILED))
+
+        connecting: Deferred[object] = endpoint.connect(OneSocketFactory(sock))
+        return connecting.addCallbacks(connected, failed)
+
+    # -- streamlocal-forward@openssh.com / cancel --------------------------------
+
+    def forward(self, data: bytes) -> int:
+        f = self.forwards
+        target = _peekPath(data)
+        decision = f.policy.allowReverseForward("unix", target)
+        if not decision.allowed:
+            f.refused("reverse", "unix", decision, f"streamlocal-forward on {target}")
+            return 0
+        try:
+            payload = Payload(data)
+            path = payload.path()
+            payload.end()
+        except MalformedPayload as e:
+            f.malformed("streamlocal-forward@openssh.com", e)
+            return 0
+        key = ("unix", path, 0)
+        if key in f.listeners:
+            return 1  # as OpenSSH: a repeat on the same connection is not an error
+        port = UnixForwardPort(path, _ForwardedUnixFactory(f, path), f.reactor)
+        try:
+            parent = os.path.dirname(path)
+            if parent:
+                os.makedirs(parent, 0o700, exist_ok=True)
+            _removeStale(path)
+            port.startListening()
+        except (OSError, error.CannotListenError) as e:
+            log.info(
+                "streamlocal-forward on {path} from {peer} failed: {error}",
+                path=displayPath(path),
+                peer=f.peer(),
+                error=e,
+            )
+            return 0
+        f.add(key, port)
+        log.info("forwarding {path} to {peer}", path=displayPath(path), peer=f.peer())
+        return 1
+
+    def cancel(self, data: bytes) -> int:
+        f = self.forwards
+        try:
+            payload = Payload(data)
+            path = payload.path()
+            payload.end()
+        except MalformedPayload as e:
+            f.malformed("cancel-streamlocal-forward@openssh.com", e)
+            return 0
+        if not f.remove(("unix", path, 0)):
+            log.info("SSH unix forward not found in cache: {path}", path=displayPath(path))
+        return 1
+
+
+def _peekPath(data: bytes) -> str:
+    try:
+        return displayPath(os.fsdecode(Payload(data).string()))
+    except MalformedPayload:
+        return UNPARSED

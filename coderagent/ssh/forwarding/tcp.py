@@ -1,0 +1,231 @@
+"""TCP forwarding: ``direct-tcpip`` (``ssh -L``/``-W``) and ``tcpip-forward`` (``ssh -R``).
+
+``direct-tcpip`` connects first and answers the open afterwards, so a target
+that refuses is reported as OpenSSH's ``open failed: connect failed: <why>``.
+``tcpip-forward`` binds synchronously (the reply must carry the port) and
+opens a ``forwarded-tcpip`` channel per accepted connection, naming the
+address the client asked for and the port actually bound.  Listeners belong
+to the SSH connection that asked for them.
+
+The policy is asked before anything else: before the payload is trusted,
+before any connect or bind.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+from twisted.conch.error import ConchError
+from twisted.conch.ssh import common, connection
+from twisted.internet import defer, error
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from coderagent.ssh.forwarding.registry import Forwards, MalformedPayload, Payload, hostPort
+from coderagent.ssh.forwarding.relay import OneSocketFactory, RelayChannel, SocketSide
+
+log = Logger()
+
+#: How long a ``direct-tcpip`` connect may take before the open fails.
+CONNECT_TIMEOUT = 30.0
+
+#: Text standing in for a target that could not be parsed (for refusals).
+UNPARSED = "<unparsable payload>"
+
+
+def describeConnectError(e: BaseException | None, host: str) -> str:
+    """A Go-like reason for a failed connect, for the open-failure text."""
+    if isinstance(e, error.DNSLookupError):
+        return f"lookup {host}: no such host"
+    if isinstance(e, error.TimeoutError | defer.TimeoutError | error.ConnectingCancelledError):
+        return "i/o timeout"
+    number = getattr(e, "osError", None)
+    if isinstance(number, int):
+        return "connect: " + os.strerror(number).lower()
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connect: connection refused"
+    return str(e) or type(e).__name__
+
+
+class _ForwardedTCPFactory(Factory):
+    """Accepts connections on a ``tcpip-forward`` listener."""
+
+    noisy = False
+
+    def __init__(self, forwards: Forwards, address: str) -> None:
+        self.forwards = forwards
+        self.address = address
+        self.boundPort = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        conn = getattr(self.forwards.avatar, "conn", None)
+        if self.forwards.closed or conn is None:
+            return None
+        return _AcceptedTCP(self, conn)
+
+
+class _AcceptedTCP(SocketSide):
+    def __init__(self, factory: _ForwardedTCPFactory, conn: Any) -> None:
+        self.factory = factory
+        self.conn = conn
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        peer = self.transport.getPeer()
+        payload = (
+            common.NS(self.factory.address.encode("utf-8"))
+            + struct.pack(">L", self.factory.boundPort)
+            + common.NS(str(getattr(peer, "host", "")).encode("utf-8"))
+            + struct.pack(">L", int(getattr(peer, "port", 0)))
+        )
+        chan = RelayChannel(
+            self, name=b"forwarded-tcpip", conn=self.conn, avatar=self.factory.forwards.avatar
+        )
+        self.conn.openChannel(chan, payload)
+
+
+class _Listener:
+    """A ``tcpip-forward`` listener as the registry sees it."""
+
+    def __init__(self, port: IListeningPort, description: str) -> None:
+        self.port = port
+        self.description = description
+
+    def close(self) -> Deferred[None] | None:
+        closing: Deferred[None] | None = self.port.stopListening()
+        return closing
+
+
+def _bindInterface(address: str) -> str:
+    """Where to bind for the address a client asked for (as OpenSSH reads it)."""
+    if address in ("", "*", "0.0.0.0"):  # noqa: S104 - what the client explicitly asked for
+        return ""
+    if address == "localhost":
+        return "127.0.0.1"
+    return address
+
+
+class TCPForwarding:
+    """The TCP half of one SSH connection's forwarding."""
+
+    def __init__(self, forwards: Forwards) -> None:
+        self.forwards = forwards
+
+    # -- direct-tcpip ------------------------------------------------------
+
+    def openDirect(
+        self, *, remoteWindow: int, remoteMaxPacket: int, data: bytes, avatar: Any
+    ) -> Deferred[RelayChannel]:
+        f = self.forwards
+        target = _peekHostPort(data)
+        decision = f.policy.allowLocalForward("tcp", target)
+        if not decision.allowed:
+            f.refused("local", "tcp", decision, f"direct-tcpip to {target}")
+            raise ConchError(decision.reason, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+        try:
+            payload = Payload(data)
+            host = payload.text()
+            port = payload.port()
+            payload.string()  # originator address
+            payload.uint32()  # originator port
+            payload.end()
+        except MalformedPayload as e:
+            f.malformed("direct-tcpip", e)
+            raise ConchError(
+                f"error parsing forward data: {e}", connection.OPEN_CONNECT_FAILED
+            ) from None
+        f.requireDeferredOpens()
+        target = hostPort(host, port)
+        sock = SocketSide()
+        try:
+            endpoint = HostnameEndpoint(
+                f.reactor, host or "localhost", port, timeout=CONNECT_TIMEOUT
+            )
+            connecting = endpoint.connect(OneSocketFactory(sock))
+        except (ValueError, UnicodeError) as e:  # a host name IDNA cannot encode
+            raise ConchError(f"dial tcp {target}: {e}", connection.OPEN_CONNECT_FAILED) from None
+
+        def connected(_: object) -> RelayChannel:
+            return RelayChannel(
+                sock, remoteWindow=remoteWindow, remoteMaxPacket=remoteMaxPacket, avatar=avatar
+            )
+
+        def failed(reason: Failure) -> Failure:
+            if reason.check(CancelledError):
+                return reason  # the SSH connection went away first
+            message = f"dial tcp {target}: {describeConnectError(reason.value, host)}"
+            log.info("direct-tcpip from {peer} failed: {message}", peer=f.peer(), message=message)
+            return Failure(ConchError(message, connection.OPEN_CONNECT_FAILED))
+
+        return connecting.addCallbacks(connected, failed)
+
+    # -- tcpip-forward / cancel-tcpip-forward ---------------------------------
+
+    def forward(self, data: bytes) -> int | tuple[int, bytes]:
+        f = self.forwards
+        bind = _peekHostPort(data)
+        decision = f.policy.allowReverseForward("tcp", bind)
+        if not decision.allowed:
+            f.refused("reverse", "tcp", decision, f"tcpip-forward on {bind}")
+            return 0
+        try:
+            payload = Payload(data)
+            address = payload.text()
+            port = payload.port()
+            payload.end()
+        except MalformedPayload as e:
+            f.malformed("tcpip-forward", e)
+            return 0
+        factory = _ForwardedTCPFactory(f, address)
+        try:
+            listening = f.reactor.listenTCP(port, factory, interface=_bindInterface(address))
+        except (error.CannotListenError, OSError, ValueError) as e:
+            log.info(
+                "tcpip-forward on {bind} from {peer} failed: {error}",
+                bind=hostPort(address, port),
+                peer=f.peer(),
+                error=e,
+            )
+            return 0
+        factory.boundPort = bound = listening.getHost().port
+        f.add(("tcp", address, bound), _Listener(listening, hostPort(address, bound)))
+        log.info(
+            "forwarding {bind} to {peer}",
+            bind=hostPort(address, bound),
+            peer=f.peer(),
+        )
+        if port == 0:
+            return 1, struct.pack(">L", bound)
+        return 1
+
+    def cancel(self, data: bytes) -> int:
+        f = self.forwards
+        try:
+            payload = Payload(data)
+            address = payload.text()
+            port = payload.port()
+            payload.end()
+        except MalformedPayload as e:
+            f.malformed("cancel-tcpip-forward", e)
+            return 0
+        f.remove(("tcp", address, port))
+        return 1
+
+
+def _peekHostPort(data: bytes) -> str:
+    """The leading ``host:port`` of a payload, for the policy and a refusal's log line.
+
+    Never raises: the policy decides before the payload is validated.
+    """
+    try:
+        payload = Payload(data)
+        host = payload.string().decode("utf-8", "replace")
+        return hostPort(host, payload.uint32())
+    except MalformedPayload:
+        return UNPARSED

@@ -1,0 +1,852 @@
+# Twisted and pytest-twisted are partly unannotated (as in pyproject's coderagent.* override).
+# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
+"""Forwarding without processes: payload parsing, deferred opens, the relay, policy.
+
+Everything here runs against fakes (an SSH transport that records packets, a
+socket transport that records calls) or against real Unix sockets in a
+temporary directory, driven by the test reactor.  The end-to-end behaviour with
+OpenSSH is in ``tests/integration/test_forwarding*.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import pytest_twisted
+from twisted.conch.error import ConchError
+from twisted.conch.ssh import common, connection
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.testing import MemoryReactor
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from zope.interface.verify import verifyObject
+
+from coderagent.observe.metrics import AgentMetrics
+from coderagent.policy import Policy
+from coderagent.ssh.factory import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from coderagent.ssh.forwarding import installForwarding
+from coderagent.ssh.forwarding.opening import DeferredOpenConnection
+from coderagent.ssh.forwarding.registry import MalformedPayload, Payload
+from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
+from coderagent.ssh.forwarding.streamlocal import SOCKET_MODE
+from coderagent.ssh.forwarding.tcp import describeConnectError
+
+NS = common.NS
+
+
+def u32(n: int) -> bytes:
+    return struct.pack(">L", n)
+
+
+def directTcpip(host: bytes = b"127.0.0.1", port: int = 80) -> bytes:
+    return NS(host) + u32(port) + NS(b"10.0.0.1") + u32(4242)
+
+
+def directStreamlocal(path: bytes) -> bytes:
+    return NS(path) + NS(b"") + u32(0)
+
+
+# -- fakes -------------------------------------------------------------------
+
+
+class FakeSSHTransport:
+    """Records the packets a connection service sends."""
+
+    def __init__(self, avatar: Any = None) -> None:
+        self.packets: list[tuple[int, bytes]] = []
+        if avatar is not None:
+            self.avatar = avatar
+        self.transport = self  # AgentServerTransport.transport -> the TCP connection
+
+    def sendPacket(self, kind: int, payload: bytes) -> None:
+        self.packets.append((kind, payload))
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "192.0.2.7", 50000)
+
+
+class FakeSocketTransport:
+    """A TCP connection as the relay uses it: producer, consumer, half-close."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.producer: Any = None
+        self.readPaused = False
+        self.writeShut = False
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert self.producer is None and streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def pauseProducing(self) -> None:
+        self.readPaused = True
+
+    def resumeProducing(self) -> None:
+        self.readPaused = False
+
+    def loseWriteConnection(self) -> None:
+        self.writeShut = True
+
+    def loseConnection(self) -> None:
+        self.closing = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 6000)
+
+
+class FakeConn:
+    """The connection side of a channel: what it sent, and window re-opens."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.reopened = 0
+
+    def sendData(self, chan: Any, data: bytes) -> None:
+        self.sent.append(("data", data))
+
+    def sendEOF(self, chan: Any) -> None:
+        self.sent.append(("eof", b""))
+
+    def sendClose(self, chan: Any) -> None:
+        if not chan.localClosed:
+            self.sent.append(("close", b""))
+            chan.localClosed = True
+
+    def reopenWindow(self, chan: Any) -> None:
+        self.reopened += 1
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.sent]
+
+    def data(self) -> bytes:
+        return b"".join(d for kind, d in self.sent if kind == "data")
+
+
+class FakeSSHConn:
+    """An SSH connection as a listener sees it: it opens channels."""
+
+    def __init__(self) -> None:
+        self.transport = FakeSSHTransport()
+        self.opened: list[tuple[RelayChannel, bytes]] = []
+
+    def openChannel(self, chan: RelayChannel, extra: bytes = b"") -> None:
+        self.opened.append((chan, extra))
+
+
+class FakeAvatar:
+    def __init__(self, policy: Policy, reactor: Any = None) -> None:
+        self.metrics = AgentMetrics()
+        self.context = type(
+            "Ctx", (), {"policy": policy, "reactor": reactor, "metrics": self.metrics}
+        )()
+        self.channelLookup: dict[bytes, Any] = {}
+        self.globalRequests: dict[bytes, Any] = {}
+        self.conn = FakeSSHConn()
+        self.forwards = installForwarding(self)
+
+    def refusedCount(self, direction: str, transport: str) -> float | None:
+        return self.metrics.value(
+            "agent_ssh_forwarding_refused_total", direction=direction, transport=transport
+        )
+
+
+@pytest.fixture
+def logged() -> Iterator[list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+def warnings(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("log_level") == LogLevel.warn]
+
+
+def relay(
+    remoteWindow: int = 1 << 20, remoteMaxPacket: int = 32768
+) -> tuple[RelayChannel, SocketSide, FakeSocketTransport, FakeConn]:
+    sock = SocketSide()
+    transport = FakeSocketTransport()
+    sock.makeConnection(transport)
+    conn = FakeConn()
+    chan = RelayChannel(
+        sock,
+        remoteWindow=remoteWindow,
+        remoteMaxPacket=remoteMaxPacket,
+        conn=conn,
+    )
+    return chan, sock, transport, conn
+
+
+# -- Payload -----------------------------------------------------------------
+
+
+def test_payload_reads_fields_in_order() -> None:
+    p = Payload(directTcpip(b"example.com", 8080))
+    assert (p.text(), p.port(), p.string(), p.uint32()) == ("example.com", 8080, b"10.0.0.1", 4242)
+    p.end()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",  # nothing at all
+        b"\x00\x00",  # truncated length
+        u32(10) + b"abc",  # string shorter than its length
+        u32(0xFFFFFFFF) + b"x" * 16,  # huge length
+        NS(b"host"),  # port missing
+        NS(b"host") + b"\x00\x01",  # truncated port
+    ],
+)
+def test_payload_rejects_truncated_and_huge(data: bytes) -> None:
+    p = Payload(data)
+    with pytest.raises(MalformedPayload):
+        p.text()
+        p.port()
+
+
+def test_payload_rejects_trailing_bytes_bad_ports_paths_and_text() -> None:
+    p = Payload(NS(b"x") + b"junk")
+    p.string()
+    with pytest.raises(MalformedPayload, match="trailing"):
+        p.end()
+    with pytest.raises(MalformedPayload, match="out of range"):
+        Payload(u32(65536)).port()
+    with pytest.raises(MalformedPayload):
+        Payload(NS(b"/tmp/a\0b")).path()
+    with pytest.raises(MalformedPayload):
+        Payload(NS(b"")).path()
+    with pytest.raises(MalformedPayload, match="UTF-8"):
+        Payload(NS(b"\xff\xfe")).text()
+    assert Payload(NS(b"/tmp/\xff.sock")).path() == os.fsdecode(b"/tmp/\xff.sock")
+
+
+def test_connect_errors_read_like_go() -> None:
+    assert (
+        describeConnectError(error.ConnectionRefusedError("Connection refused"), "h")
+        == "connect: connection refused"
+    )
+    assert describeConnectError(error.ConnectError(2, "x"), "h") == (
+        "connect: no such file or directory"
+    )
+    assert describeConnectError(error.DNSLookupError("nope"), "nowhere.invalid") == (
+        "lookup nowhere.invalid: no such host"
+    )
+    assert describeConnectError(error.TimeoutError(), "h") == "i/o timeout"
+
+
+# -- DeferredOpenConnection ----------------------------------------------------
+
+
+class Opened(RelayChannel):
+    """A channel whose opening is recorded, for the connection tests."""
+
+    def __init__(self, **kw: Any) -> None:
+        sock = SocketSide()
+        sock.makeConnection(FakeSocketTransport())
+        super().__init__(sock, **kw)
+        self.openedWith: bytes | None = None
+        self.failed: Any = None
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.openedWith = specificData
+
+    def openFailed(self, reason: Any) -> None:
+        self.failed = reason
+
+
+class LookupAvatar:
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+    def lookupChannel(self, kind: bytes, window: int, maxPacket: int, data: bytes) -> Any:
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
+def openPacket(kind: bytes = b"direct-tcpip", sender: int = 7, data: bytes = b"xyz") -> bytes:
+    return NS(kind) + struct.pack(">3L", sender, 1 << 20, 32768) + data
+
+
+def service(avatar: Any) -> tuple[DeferredOpenConnection, FakeSSHTransport]:
+    conn = DeferredOpenConnection()
+    transport = FakeSSHTransport(avatar)
+    conn.transport = transport  # type: ignore[assignment]
+    return conn, transport
+
+
+def failure(packet: tuple[int, bytes]) -> tuple[int, int, bytes]:
+    kind, payload = packet
+    assert kind == connection.MSG_CHANNEL_OPEN_FAILURE
+    sender, code = struct.unpack(">2L", payload[:8])
+    return sender, code, common.getNS(payload[8:])[0]
+
+
+def test_plain_channel_is_confirmed_at_once() -> None:
+    chan = Opened()
+    conn, transport = service(LookupAvatar(chan))
+    conn.ssh_CHANNEL_OPEN(openPacket())
+    [(kind, payload)] = transport.packets
+    assert kind == connection.MSG_CHANNEL_OPEN_CONFIRMATION
+    assert struct.unpack(">4L", payload) == (7, 0, CHANNEL_WINDOW, CHANNEL_MAX_PACKET)
+    assert chan.openedWith == b"xyz" and chan.conn is conn and conn.channels == {0: chan}
+
+
+def test_deferred_channel_is_confirmed_only_when_it_fires() -> None:
+    d: Deferred[Any] = Deferred()
+    conn, transport = service(LookupAvatar(d))
+    conn.ssh_CHANNEL_OPEN(openPacket())
+    assert transport.packets == []
+    chan = Opened()
+    d.callback(chan)
+    assert [k for k, _ in transport.packets] == [connection.MSG_CHANNEL_OPEN_CONFIRMATION]
+    assert chan.openedWith == b"xyz" and conn.channelsToRemoteChannel[chan] == 7
+    assert conn._pendingOpens == set()
+
+
+def test_deferred_failure_is_an_open_failure_with_code_and_text() -> None:
+    d: Deferred[Any] = Deferred()
+    conn, transport = service(LookupAvatar(d))
+    conn.ssh_CHANNEL_OPEN(openPacket(sender=9))
+    d.errback(ConchError("dial tcp x:1: connect: connection refused", 2))
+    assert failure(transport.packets[0]) == (9, 2, b"dial tcp x:1: connect: connection refused")
+    assert conn.channels == {}
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (ConchError("port forwarding is disabled", 1), (1, b"port forwarding is disabled")),
+        (ConchError(1, "swapped order"), (1, b"swapped order")),  # Twisted #3657
+        (ConchError("no code"), (2, b"no code")),
+    ],
+)
+def test_synchronous_refusals(raised: ConchError, expected: tuple[int, bytes]) -> None:
+    conn, transport = service(LookupAvatar(raised))
+    conn.ssh_CHANNEL_OPEN(openPacket())
+    assert failure(transport.packets[0])[1:] == expected
+
+
+def test_unknown_type_and_a_bug_are_refused(logged: list[dict[str, Any]]) -> None:
+    conn, transport = service(LookupAvatar(None))
+    conn.ssh_CHANNEL_OPEN(openPacket())
+    assert failure(transport.packets[0])[1] == connection.OPEN_UNKNOWN_CHANNEL_TYPE
+    conn, transport = service(LookupAvatar(RuntimeError("bug")))
+    conn.ssh_CHANNEL_OPEN(openPacket())
+    assert failure(transport.packets[0])[1:] == (2, b"unknown failure")
+    assert any(e.get("log_failure") is not None for e in logged)  # a bug leaves a traceback
+
+
+def test_pending_opens_are_cancelled_when_the_connection_stops() -> None:
+    cancelled: list[bool] = []
+    d: Deferred[Any] = Deferred(lambda _: cancelled.append(True))
+    conn, transport = service(LookupAvatar(d))
+    conn.ssh_CHANNEL_OPEN(openPacket())
+    conn.serviceStopped()
+    assert cancelled == [True]
+    assert transport.packets == []  # nothing sent on a dead connection
+
+
+def test_a_channel_ready_after_the_connection_stopped_is_discarded() -> None:
+    d: Deferred[Any] = Deferred()  # not cancellable: fires anyway
+    conn, transport = service(LookupAvatar(d))
+    conn.ssh_CHANNEL_OPEN(openPacket())
+    conn._pendingOpens = None  # as if it had already fired past cancellation
+    conn._stopped = True
+    chan = Opened()
+    d.callback(chan)
+    assert transport.packets == [] and chan.failed is not None
+
+
+# -- RelayChannel ----------------------------------------------------------------
+
+
+def test_relay_is_a_push_producer_and_holds_the_socket_until_open() -> None:
+    chan, _sock, transport, _conn = relay()
+    verifyObject(IPushProducer, chan)
+    assert transport.readPaused  # nothing is read before the channel is open
+    assert (chan.localWindowSize, chan.localMaxPacket) == (CHANNEL_WINDOW, CHANNEL_MAX_PACKET)
+    chan.channelOpen(b"")
+    assert transport.producer is chan and not transport.readPaused
+
+
+def test_relay_moves_bytes_both_ways_in_packets() -> None:
+    chan, sock, transport, conn = relay(remoteMaxPacket=1000)
+    chan.channelOpen(b"")
+    chan.dataReceived(b"to the socket")
+    assert transport.written == [b"to the socket"]
+    sock.dataReceived(b"y" * 2500)
+    assert [len(d) for k, d in conn.sent] == [1000, 1000, 500]
+
+
+def test_full_remote_window_pauses_the_socket_until_it_reopens() -> None:
+    chan, sock, transport, conn = relay(remoteWindow=1500, remoteMaxPacket=1000)
+    chan.channelOpen(b"")
+    sock.dataReceived(b"a" * 2000)
+    assert transport.readPaused and conn.data() == b"a" * 1500 and chan.buf == b"a" * 500
+    chan.addWindowBytes(10_000)
+    assert not transport.readPaused and conn.data() == b"a" * 2000 and chan.buf == b""
+
+
+def test_slow_socket_keeps_the_client_window_shut() -> None:
+    chan, _sock, transport, conn = relay()
+    chan.channelOpen(b"")
+    transport.producer.pauseProducing()  # the socket's write buffer is full
+    assert chan.consumerPaused
+    transport.producer.resumeProducing()  # drained
+    assert not chan.consumerPaused and conn.reopened == 1
+
+
+def test_client_eof_half_closes_the_socket() -> None:
+    chan, sock, transport, conn = relay()
+    chan.channelOpen(b"")
+    transport.producer.pauseProducing()
+    chan.eofReceived()
+    # The producer goes first: Twisted never finishes a half-close while a
+    # paused producer is registered.
+    assert transport.producer is None and transport.writeShut and not chan.consumerPaused
+    assert not transport.closing and conn.kinds() == []
+    sock.writeConnectionLost()
+    sock.readConnectionLost()  # the socket is done too: now close it
+    assert conn.kinds() == ["eof"] and transport.closing
+    sock.connectionLost()
+    assert conn.kinds() == ["eof", "close"]
+
+
+def test_socket_eof_waits_for_buffered_data_then_keeps_the_channel_half_open() -> None:
+    chan, sock, transport, conn = relay(remoteWindow=100, remoteMaxPacket=100)
+    chan.channelOpen(b"")
+    sock.dataReceived(b"z" * 150)
+    sock.readConnectionLost()
+    assert conn.kinds() == ["data"]  # no EOF before the 50 buffered bytes
+    chan.addWindowBytes(100)
+    assert conn.kinds() == ["data", "data", "eof"] and conn.data() == b"z" * 150
+    chan.startWriting()  # a late window adjust must not read an EOF'd socket again
+    assert transport.readPaused
+    chan.dataReceived(b"the client may still send")
+    assert transport.written == [b"the client may still send"]
+
+
+def test_socket_lost_sends_eof_then_close_after_the_buffer() -> None:
+    chan, sock, _transport, conn = relay(remoteWindow=10, remoteMaxPacket=100)
+    chan.channelOpen(b"")
+    sock.dataReceived(b"q" * 30)
+    sock.connectionLost()
+    assert conn.kinds() == ["data"]
+    chan.addWindowBytes(100)
+    assert conn.kinds() == ["data", "data", "eof", "close"] and conn.data() == b"q" * 30
+
+
+def test_client_close_drops_unsent_data_and_closes_the_socket() -> None:
+    chan, sock, transport, conn = relay(remoteWindow=10)
+    chan.channelOpen(b"")
+    sock.dataReceived(b"w" * 30)
+    chan.closeReceived()
+    assert chan.buf == b"" and transport.closing and transport.producer is None
+    assert conn.kinds() == ["data", "close"]
+
+
+def test_socket_that_ended_before_the_channel_opened() -> None:
+    chan, sock, _transport, conn = relay()
+    sock.connectionLost()
+    assert conn.kinds() == []
+    chan.channelOpen(b"")
+    assert conn.kinds() == ["eof", "close"]
+
+
+def test_refused_forwarded_channel_aborts_the_socket() -> None:
+    chan, _sock, transport, _conn = relay()
+    chan.openFailed(ConchError("nope", 2))
+    assert transport.aborted
+
+
+# -- policy and malformed payloads through the handlers ------------------------
+
+BLOCK_BOTH = Policy(blockLocalPortForwarding=True, blockReversePortForwarding=True)
+
+
+def test_handlers_are_installed_under_their_wire_names() -> None:
+    avatar = FakeAvatar(Policy())
+    assert set(avatar.channelLookup) == {b"direct-tcpip", b"direct-streamlocal@openssh.com"}
+    assert set(avatar.globalRequests) == {
+        b"tcpip-forward",
+        b"cancel-tcpip-forward",
+        b"streamlocal-forward@openssh.com",
+        b"cancel-streamlocal-forward@openssh.com",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "reason", "transport", "shown"),
+    [
+        (
+            b"direct-tcpip",
+            directTcpip(b"db", 5432),
+            "port forwarding is disabled",
+            "tcp",
+            "db:5432",
+        ),
+        # Decided before the payload is parsed: garbage is still "prohibited".
+        (b"direct-tcpip", b"\xff", "port forwarding is disabled", "tcp", "<unparsable payload>"),
+        (
+            b"direct-streamlocal@openssh.com",
+            directStreamlocal(b"/run/x.sock"),
+            "local port forwarding is disabled",
+            "unix",
+            "/run/x.sock",
+        ),
+        (
+            b"direct-streamlocal@openssh.com",
+            b"",
+            "local port forwarding is disabled",
+            "unix",
+            "<unparsable payload>",
+        ),
+    ],
+)
+def test_blocked_local_forward_is_administratively_prohibited(
+    logged: list[dict[str, Any]], kind: bytes, data: bytes, reason: str, transport: str, shown: str
+) -> None:
+    reactor = MemoryReactor()
+    avatar = FakeAvatar(BLOCK_BOTH, reactor)
+    with pytest.raises(ConchError) as raised:
+        avatar.channelLookup[kind](remoteWindow=1, remoteMaxPacket=1, data=data, avatar=avatar)
+    assert raised.value.args == (reason, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+    assert reactor.tcpClients == [] and reactor.unixClients == []
+    [warning] = warnings(logged)
+    text = warning["log_format"].format(**warning)
+    assert shown in text and "192.0.2.7:50000" in text and reason in text
+    assert "blocked" in text and warning.get("log_failure") is None
+    assert avatar.refusedCount("local", transport) == 1
+    assert avatar.refusedCount("reverse", transport) == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "transport", "shown"),
+    [
+        (b"tcpip-forward", NS(b"localhost") + u32(0), "tcp", "localhost:0"),
+        (b"tcpip-forward", NS(b"x"), "tcp", "<unparsable payload>"),
+        (b"streamlocal-forward@openssh.com", NS(b"/tmp/r.sock"), "unix", "/tmp/r.sock"),
+    ],
+)
+def test_blocked_reverse_forward_fails_before_binding(
+    logged: list[dict[str, Any]], kind: bytes, data: bytes, transport: str, shown: str
+) -> None:
+    reactor = MemoryReactor()
+    avatar = FakeAvatar(BLOCK_BOTH, reactor)
+    assert avatar.globalRequests[kind](data) == 0
+    assert reactor.tcpServers == [] and reactor.unixServers == []
+    [warning] = warnings(logged)
+    assert shown in warning["log_format"].format(**warning)
+    assert avatar.refusedCount("reverse", transport) == 1
+
+
+MALFORMED = [
+    b"",
+    b"\x00\x00\x00",
+    u32(0x7FFFFFFF) + b"host",
+    NS(b"host"),
+    NS(b"host") + u32(70000),  # port out of range
+    NS(b"\xff\xfe") + u32(22),  # host not UTF-8
+    NS(b"host") + u32(22) + b"trailing",
+]
+
+
+@pytest.mark.parametrize("data", MALFORMED)
+def test_malformed_tcpip_forward_and_cancel_fail_cleanly(
+    logged: list[dict[str, Any]], data: bytes
+) -> None:
+    reactor = MemoryReactor()
+    avatar = FakeAvatar(Policy(), reactor)
+    assert avatar.globalRequests[b"tcpip-forward"](data) == 0
+    assert avatar.globalRequests[b"cancel-tcpip-forward"](data) == 0
+    assert reactor.tcpServers == []
+    assert len(warnings(logged)) == 2
+    assert all(e.get("log_failure") is None for e in logged)
+
+
+@pytest.mark.parametrize(
+    "data", [*MALFORMED, NS(b"h") + u32(1) + NS(b"o"), NS(b"h") + u32(1) + NS(b"o") + u32(2) + b"!"]
+)
+def test_malformed_direct_tcpip_is_a_connect_failure(
+    logged: list[dict[str, Any]], data: bytes
+) -> None:
+    reactor = MemoryReactor()
+    avatar = FakeAvatar(Policy(), reactor)
+    with pytest.raises(ConchError) as raised:
+        avatar.channelLookup[b"direct-tcpip"](
+            remoteWindow=1, remoteMaxPacket=1, data=data, avatar=avatar
+        )
+    text, code = raised.value.args
+    assert code == connection.OPEN_CONNECT_FAILED and text.startswith("error parsing forward data")
+    assert reactor.tcpClients == [] and len(warnings(logged)) == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", NS(b"/tmp/x"), NS(b"/tmp/x") + NS(b""), NS(b"/tmp/\0x") + NS(b"") + u32(0), b"\xff" * 9],
+)
+def test_malformed_streamlocal_requests_fail_cleanly(
+    logged: list[dict[str, Any]], data: bytes
+) -> None:
+    reactor = MemoryReactor()
+    avatar = FakeAvatar(Policy(), reactor)
+    with pytest.raises(ConchError) as raised:
+        avatar.channelLookup[b"direct-streamlocal@openssh.com"](
+            remoteWindow=1, remoteMaxPacket=1, data=data, avatar=avatar
+        )
+    assert raised.value.args == (
+        "could not parse direct-streamlocal@openssh.com channel payload",
+        connection.OPEN_CONNECT_FAILED,
+    )
+    if data != NS(b"/tmp/x"):  # (a bare path is a valid forward request)
+        assert avatar.globalRequests[b"streamlocal-forward@openssh.com"](data) == 0
+        assert avatar.globalRequests[b"cancel-streamlocal-forward@openssh.com"](data) == 0
+    assert reactor.unixClients == [] and reactor.unixServers == []
+    assert all(e.get("log_failure") is None for e in logged)
+
+
+def test_tcpip_forward_replies_with_the_bound_port_only_when_zero_was_asked() -> None:
+    reactor = MemoryReactor()
+    avatar = FakeAvatar(Policy(), reactor)
+    assert avatar.globalRequests[b"tcpip-forward"](NS(b"localhost") + u32(0)) == (1, u32(0))
+    assert avatar.globalRequests[b"tcpip-forward"](NS(b"") + u32(2222)) == 1
+    assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
+        (0, "127.0.0.1"),
+        (2222, ""),
+    ]
+
+
+# -- Unix listeners, for real ----------------------------------------------------
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # Short: a Unix socket path must fit in 108 bytes.
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fwu", dir="/tmp") as d:
+        yield Path(d)
+
+
+def realAvatar() -> FakeAvatar:
+    from twisted.internet import reactor
+
+    return FakeAvatar(Policy(), reactor)
+
+
+def connectable(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+@pytest_twisted.inlineCallbacks
+def test_streamlocal_forward_lifecycle(sockdir: Path) -> Iterator[Deferred[Any]]:
+    avatar = realAvatar()
+    forward = avatar.globalRequests[b"streamlocal-forward@openssh.com"]
+    cancel = avatar.globalRequests[b"cancel-streamlocal-forward@openssh.com"]
+    path = sockdir / "new" / "deeper" / "r.sock"
+    assert forward(NS(os.fsencode(path))) == 1
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    assert stat.S_IMODE(os.stat(path).st_mode) == SOCKET_MODE
+    assert forward(NS(os.fsencode(path))) == 1  # the same path again: fine, as OpenSSH
+    assert len(avatar.forwards.listeners) == 1
+    assert cancel(NS(os.fsencode(path))) == 1
+    yield deferLaterZero()
+    assert not path.exists()
+    assert cancel(NS(os.fsencode(path))) == 1  # unknown path: still true, as upstream
+
+
+@pytest_twisted.inlineCallbacks
+def test_stale_socket_and_file_are_replaced_but_a_directory_is_not(
+    sockdir: Path,
+) -> Iterator[Deferred[Any]]:
+    avatar = realAvatar()
+    forward = avatar.globalRequests[b"streamlocal-forward@openssh.com"]
+    stale = sockdir / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # leaves the file behind
+    assert not connectable(stale)
+    assert forward(NS(os.fsencode(stale))) == 1 and connectable(stale)
+    regular = sockdir / "file.sock"
+    regular.write_text("x")
+    assert forward(NS(os.fsencode(regular))) == 1 and stat.S_ISSOCK(os.stat(regular).st_mode)
+    directory = sockdir / "dir.sock"
+    directory.mkdir()
+    assert forward(NS(os.fsencode(directory))) == 0 and directory.is_dir()
+    avatar.forwards.close()
+    yield deferLaterZero()
+    assert not stale.exists() and not regular.exists() and directory.is_dir()
+
+
+@pytest_twisted.inlineCallbacks
+def test_socket_taken_over_by_another_connection_survives_the_first(
+    sockdir: Path,
+) -> Iterator[Deferred[Any]]:
+    first, second = realAvatar(), realAvatar()
+    path = os.fsencode(sockdir / "shared.sock")
+    assert first.globalRequests[b"streamlocal-forward@openssh.com"](NS(path)) == 1
+    assert second.globalRequests[b"streamlocal-forward@openssh.com"](NS(path)) == 1
+    first.forwards.close()
+    yield deferLaterZero()
+    assert connectable(Path(os.fsdecode(path)))  # still the second connection's
+    second.forwards.close()
+    yield deferLaterZero()
+    assert not os.path.exists(path)
+
+
+def deferLaterZero() -> Deferred[None]:
+    """Let the reactor run the listeners' deferred close (``stopListening``)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    d: Deferred[None] = deferLater(reactor, 0.01, lambda: None)
+    return d
+
+
+@pytest_twisted.inlineCallbacks
+def test_direct_streamlocal_connect_failure_names_the_path(
+    sockdir: Path,
+) -> Iterator[Deferred[Any]]:
+    avatar = realAvatar()
+    missing = sockdir / "missing.sock"
+    d = avatar.channelLookup[b"direct-streamlocal@openssh.com"](
+        remoteWindow=1,
+        remoteMaxPacket=1,
+        data=directStreamlocal(os.fsencode(missing)),
+        avatar=avatar,
+    )
+    with pytest.raises(ConchError) as raised:
+        yield d
+    assert raised.value.args == (
+        f'dial unix socket "{missing}": dial unix {missing}: connect: no such file or directory',
+        connection.OPEN_CONNECT_FAILED,
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_direct_tcpip_connects_before_answering() -> Iterator[Deferred[Any]]:
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    factory: Any = Factory.forProtocol(Protocol)
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    port = cast(IPv4Address, listening.getHost()).port
+    avatar = realAvatar()
+    opener = avatar.channelLookup[b"direct-tcpip"]
+    data = directTcpip(b"127.0.0.1", port)
+    try:
+        chan = yield opener(remoteWindow=1 << 20, remoteMaxPacket=32768, data=data, avatar=avatar)
+        assert isinstance(chan, RelayChannel) and chan.socket.transport.connected
+        chan.socket.transport.abortConnection()
+    finally:
+        yield defer.maybeDeferred(listening.stopListening)
+    with pytest.raises(ConchError) as raised:
+        yield opener(remoteWindow=1, remoteMaxPacket=1, data=data, avatar=avatar)
+    assert raised.value.args == (
+        f"dial tcp 127.0.0.1:{port}: connect: connection refused",
+        connection.OPEN_CONNECT_FAILED,
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_accepted_connections_open_forwarded_channels_naming_the_bound_port(
+    sockdir: Path,
+) -> Iterator[Deferred[Any]]:
+    avatar = realAvatar()
+    reply = avatar.globalRequests[b"tcpip-forward"](NS(b"127.0.0.1") + u32(0))
+    assert isinstance(reply, tuple) and reply[0] == 1
+    (bound,) = struct.unpack(">L", reply[1])
+    assert bound != 0
+    path = sockdir / "fwd.sock"
+    assert avatar.globalRequests[b"streamlocal-forward@openssh.com"](NS(os.fsencode(path))) == 1
+    tcpClient = socket.create_connection(("127.0.0.1", bound))
+    unixClient = socket.socket(socket.AF_UNIX)
+    unixClient.connect(str(path))
+    try:
+        for _ in range(100):
+            if len(avatar.conn.opened) == 2:
+                break
+            yield deferLaterZero()
+        byName = {chan.name: (chan, extra) for chan, extra in avatar.conn.opened}
+        chan, extra = byName[b"forwarded-tcpip"]
+        origin = tcpClient.getsockname()
+        assert extra == NS(b"127.0.0.1") + u32(bound) + NS(origin[0].encode()) + u32(origin[1])
+        assert chan.localWindowSize == CHANNEL_WINDOW
+        chan, extra = byName[b"forwarded-streamlocal@openssh.com"]
+        assert extra == NS(os.fsencode(path)) + NS(b"")
+        for chan, _ in avatar.conn.opened:
+            chan.openFailed(ConchError("test over", 2))
+    finally:
+        tcpClient.close()
+        unixClient.close()
+        avatar.forwards.close()
+        yield deferLaterZero()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", bound), timeout=5).close()
+
+
+def test_metrics_export_zeroes_and_counts() -> None:
+    metrics = AgentMetrics()
+    text = metrics.exposition().decode()
+    for d in ("local", "reverse"):
+        for t in ("tcp", "unix"):
+            assert (
+                f'agent_ssh_forwarding_refused_total{{direction="{d}",transport="{t}"}} 0.0' in text
+            )
+    metrics.forwardingRefused("reverse", "unix")
+    assert (
+        metrics.value("agent_ssh_forwarding_refused_total", direction="reverse", transport="unix")
+        == 1
+    )
+
+
+def test_direct_opens_refuse_a_connection_that_cannot_wait(logged: list[dict[str, Any]]) -> None:
+    """On stock Conch a Deferred would be "confirmed"; refuse before connecting instead."""
+    reactor = MemoryReactor()
+    avatar = FakeAvatar(Policy(), reactor)
+    avatar.conn = connection.SSHConnection()  # type: ignore[assignment]
+    for kind, data in (
+        (b"direct-tcpip", directTcpip()),
+        (b"direct-streamlocal@openssh.com", directStreamlocal(b"/tmp/x.sock")),
+    ):
+        with pytest.raises(ConchError) as raised:
+            avatar.channelLookup[kind](remoteWindow=1, remoteMaxPacket=1, data=data, avatar=avatar)
+        assert raised.value.args[1] == connection.OPEN_CONNECT_FAILED
+    assert reactor.tcpClients == [] and reactor.unixClients == []
+    assert any("DeferredOpenConnection" in e["log_format"] for e in logged)
+    avatar.conn = DeferredOpenConnection()  # type: ignore[assignment]
+    connecting = avatar.channelLookup[b"direct-tcpip"](
+        remoteWindow=1, remoteMaxPacket=1, data=directTcpip(), avatar=avatar
+    )
+    assert isinstance(connecting, Deferred)
+    connecting.addErrback(lambda _: None)
+    connecting.cancel()
