@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from coderagent.pb import agent_pb2, boundary_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
-PAYLOADS = ROOT.parent / "shared" / "vectors" / "payloads.json"
+PAYLOADS = ROOT / "tests" / "golden" / "payloads.json"
 
 AGENT_PKG = "coder.agent.v2"
 BOUNDARY_PKG = "coder.boundarylogproxy.codec.v1"

@@ -1,4 +1,4 @@
-"""Shared loader for the golden wire vectors in ``shared/vectors`` (see its README).
+"""Loader for the golden wire vectors in ``tests/golden`` (copied from ``shared/vectors``).
 
 The vectors were recorded from the real Go libraries (storj.io/drpc,
 hashicorp/yamux), so tests compare our bytes against them rather than against
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-VECTORS_DIR = Path(os.environ.get("CODERAGENT_VECTORS", ROOT.parent / "shared" / "vectors"))
+VECTORS_DIR = Path(os.environ.get("CODERAGENT_VECTORS", ROOT / "tests" / "golden"))
 
 
 @functools.cache
