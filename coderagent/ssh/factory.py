@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.conch.ssh import common, factory, transport
+from twisted.conch.ssh import common, connection, factory, transport
 from twisted.conch.ssh.common import getNS
 from twisted.internet import protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from coderagent.ssh.auth import AgentUserAuthServer
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
+from coderagent.ssh.packets import Chunk, Opener, PacketError, Sealer
 
 log = Logger()
 
@@ -30,6 +31,22 @@ log = Logger()
 #: 128 KiB default costs a round trip every 64 KiB of upload.
 CHANNEL_WINDOW = 2 * 1024 * 1024
 CHANNEL_MAX_PACKET = 32 * 1024
+
+#: Window all of one connection's channels share once there are many: each
+#: gets an even share, between MIN_CHANNEL_WINDOW and CHANNEL_WINDOW.  The
+#: window is what a peer may send us before we have forwarded it, so this
+#: bounds what one client can make the agent buffer (200 channels at 2 MiB
+#: would be 400 MiB).  It also keeps OpenSSH's client from reading that much
+#: from its local sockets ahead of us, where its buffer growth (a realloc
+#: and copy per 32 KiB read) costs more CPU than the transfer itself.
+CONNECTION_WINDOW_BUDGET = 8 * 1024 * 1024
+MIN_CHANNEL_WINDOW = 128 * 1024
+
+#: Bytes read from the client's socket at once (Twisted's default is 64 KiB):
+#: fewer, larger reads cost fewer Python calls per packet.
+READ_SIZE = 64 * 1024
+
+_CHANNEL_DATA_HEAD = struct.Struct(">2L")
 
 #: Below this, upstream treats --ssh-max-timeout as an absolute deadline.
 KEEPALIVE_THRESHOLD = 3.0
@@ -64,8 +81,19 @@ class AgentServerTransport(transport.SSHServerTransport):
 
     _graceTimer: IDelayedCall | None = None
     _deadline: IDelayedCall | None = None
+    _sealer: Sealer | None = None
+    _opener: Opener | None = None
 
     def connectionMade(self) -> None:
+        self._rbuf = bytearray()
+        tcp: Any = self.transport
+        if hasattr(tcp, "setTcpNoDelay"):
+            # Replies are small and latency-bound (exit-status, EOF, CLOSE
+            # leave as separate writes); Nagle would hold each for the
+            # peer's delayed ACK.  OpenSSH sets TCP_NODELAY too.
+            tcp.setTcpNoDelay(True)
+        if hasattr(tcp, "bufferSize"):
+            tcp.bufferSize = READ_SIZE
         super().connectionMade()
         clock = self.factory.reactor
         config = self.factory.config
@@ -108,6 +136,81 @@ class AgentServerTransport(transport.SSHServerTransport):
         if service.name == b"ssh-connection" and self._graceTimer is not None:
             self._graceTimer.cancel()
             self._graceTimer = None
+
+    # -- the packet path: see coderagent.ssh.packets -------------------------
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        self.sendPacketParts(messageType, (payload,))
+
+    def sendPacketParts(self, messageType: int, parts: tuple[Chunk, ...]) -> None:
+        """Send one packet whose payload is ``parts`` joined, without joining them."""
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
+            if not self._allowedKeyExchangeMessageType(messageType):
+                self._blockedByKeyExchange.append((messageType, b"".join(parts)))
+                return
+        ciphers = self.currentEncryptions
+        sealer = self._sealer
+        if sealer is None or sealer.ciphers is not ciphers:
+            sealer = self._sealer = Sealer(ciphers)
+        tcp: Any = self.transport
+        tcp.writeSequence(sealer.seal(self.outgoingPacketSequence, messageType, parts))
+        self.outgoingPacketSequence += 1
+
+    def getPacket(self) -> None:
+        # Conch's dataReceived calls this after the version exchange; our
+        # own loop (_readPackets) parses packets instead.
+        return None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.gotVersion:
+            self._rbuf += data
+        else:
+            super().dataReceived(data)  # the version line; the rest stays in self.buf
+            if not self.gotVersion:
+                return
+            self._rbuf += self.buf
+            self.buf = b""
+        self._readPackets()
+
+    def _readPackets(self) -> None:
+        buf = self._rbuf
+        pos = 0
+        view = memoryview(buf)
+        try:
+            while True:
+                tcp = self.transport
+                if tcp is None or getattr(tcp, "disconnecting", False):
+                    pos = len(buf)  # nothing more is read from a closing peer
+                    break
+                ciphers = self.currentEncryptions
+                opener = self._opener
+                if opener is None or opener.ciphers is not ciphers:
+                    opener = self._opener = Opener(ciphers)
+                try:
+                    opened = opener.open(view, pos, self.incomingPacketSequence)
+                except PacketError as e:
+                    log.warn("bad packet from {peer}: {error}", peer=self._peer(), error=str(e))
+                    self.sendDisconnect(e.reason, str(e).encode("utf-8"))
+                    pos = len(buf)
+                    break
+                if opened is None:
+                    break
+                packet, pos = opened
+                self.incomingPacketSequence += 1
+                service = self.service
+                if packet.recipient >= 0 and isinstance(service, AgentConnection):
+                    service.channelDataReceived(packet.recipient, packet.data)
+                elif packet.recipient >= 0:
+                    self.dispatchMessage(
+                        packet.messageType,
+                        _CHANNEL_DATA_HEAD.pack(packet.recipient, len(packet.data)) + packet.data,
+                    )
+                else:
+                    self.dispatchMessage(packet.messageType, packet.payload)
+        finally:
+            view.release()
+        if pos:
+            del buf[:pos]
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         # Conch indexes payloads without checking their length; a truncated
@@ -191,26 +294,58 @@ class AgentConnection(DeferredOpenConnection):
         self._missedKeepalives = 0
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        # Only reached for packets the transport's fast path could not take
+        # apart (a length that disagrees with the packet's): refuse those.
         localChannel, dataLength = struct.unpack(">2L", packet[:8])
+        data = packet[8:]
+        if len(data) != dataLength:
+            raise ValueError(f"channel data of {len(data)} bytes claims {dataLength}")
+        self.channelDataReceived(localChannel, data)
+
+    def channelDataReceived(self, localChannel: int, data: bytes) -> None:
+        """CHANNEL_DATA for ``localChannel``, already parsed by the transport."""
         channel = self.channels.get(localChannel)
         if channel is None:
             log.warn("data for unknown channel {id}", id=localChannel)
             return
+        dataLength = len(data)
         if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
             log.warn("peer overran the window of channel {id}", id=localChannel)
             self.sendClose(channel)
             return
-        data = getNS(packet[4:])[0]
-        channel.localWindowLeft -= len(data)
+        channel.localWindowLeft -= dataLength
         channel.dataReceived(data)
         self.reopenWindow(channel)
+
+    def sendData(self, channel: Any, data: Chunk) -> None:
+        # As Conch's, but the data is not copied into the payload.
+        if channel.localClosed:
+            return
+        head = _CHANNEL_DATA_HEAD.pack(self.channelsToRemoteChannel[channel], len(data))
+        self.transport.sendPacketParts(connection.MSG_CHANNEL_DATA, (head, data))
+
+    def windowShare(self, cap: int) -> int:
+        """The window one channel may have now: an even share of the budget."""
+        share = CONNECTION_WINDOW_BUDGET // max(1, len(self.channels))
+        return min(cap, max(MIN_CHANNEL_WINDOW, share))
+
+    def sizeWindow(self, channel: Any) -> None:
+        # The window the channel asked for is its cap from now on.  A new
+        # channel also gets no more than what the others leave of the budget,
+        # so a burst of opens cannot add up to many budgets.
+        channel.windowCap = channel.localWindowSize
+        granted = sum(c.localWindowLeft for c in self.channels.values() if c is not channel)
+        free = max(MIN_CHANNEL_WINDOW, CONNECTION_WINDOW_BUDGET - granted)
+        window = min(self.windowShare(channel.windowCap), free)
+        channel.localWindowSize = channel.localWindowLeft = window
 
     def reopenWindow(self, channel: Any) -> None:
         """Give the peer more window once half is used and the consumer keeps up."""
         if getattr(channel, "consumerPaused", False) or channel.localClosed:
             return
-        if channel.localWindowLeft < channel.localWindowSize // 2:
-            self.adjustWindow(channel, channel.localWindowSize - channel.localWindowLeft)
+        target = self.windowShare(getattr(channel, "windowCap", channel.localWindowSize))
+        if channel.localWindowLeft < target // 2:
+            self.adjustWindow(channel, target - channel.localWindowLeft)
 
 
 class AgentSSHFactory(factory.SSHFactory):

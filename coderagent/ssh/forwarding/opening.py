@@ -96,6 +96,7 @@ class DeferredOpenConnection(connection.SSHConnection):
         self.localChannelID += 1
         channel.id = localChannel
         self.channels[localChannel] = channel
+        self.sizeWindow(channel)
         self.channelsToRemoteChannel[channel] = senderChannel
         self.localToRemoteChannel[localChannel] = senderChannel
         self.transport.sendPacket(
@@ -110,6 +111,13 @@ class DeferredOpenConnection(connection.SSHConnection):
         except Exception:
             log.failure("channel {id} failed to start", id=localChannel)
             self.sendClose(channel)
+
+    def sizeWindow(self, channel: Any) -> None:
+        """Hook: set ``channel``'s initial window before it is confirmed.
+
+        Called once the channel is registered; the default keeps the window
+        the channel asked for.
+        """
 
     def _pendingOpenFailed(self, reason: Failure, senderChannel: int) -> None:
         if self._stopped:

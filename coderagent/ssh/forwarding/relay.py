@@ -162,6 +162,33 @@ class RelayChannel(channel.SSHChannel):
 
     # -- socket to client --------------------------------------------------------
 
+    def write(self, data: bytes) -> None:
+        """Conch's ``SSHChannel.write``, cutting packets as views instead of copies."""
+        if self.buf:
+            self.buf += data
+            return
+        top = len(data)
+        left = self.remoteWindowLeft
+        if top > left:
+            # What the window cannot take waits (one socket read at most:
+            # stopWriting pauses the socket).
+            self.buf = data[left:]
+            top = left
+            self.areWriting = 0
+            self.stopWriting()
+        send = self.conn.sendData
+        rmp = self.remoteMaxPacket
+        if top == len(data) and top <= rmp:
+            if top:
+                send(self, data)
+        else:
+            view = memoryview(data)
+            for offset in range(0, top, rmp):
+                send(self, view[offset : min(offset + rmp, top)])
+        self.remoteWindowLeft -= top
+        if self.closing and not self.buf:
+            self.loseConnection()
+
     def stopWriting(self) -> None:
         # The client's window is exhausted: stop reading the socket.
         if not self.socket.readDone:
