@@ -1,9 +1,9 @@
 """``twistd coder-agent``: parse the options and wire the services together.
 
 Wiring only.  Each concept is built by its own package (``ssh``, ``policy``,
-``coderd``, ``observe``) and added to one ``MultiService``; later
-capabilities (forwarding, boundary proxy, coderd client, metrics) are one
-more ``setServiceParent`` here, not a rewrite.
+``coderd``, ``observe``) and added to one ``MultiService``: the SSH server
+first (it serves whether or not coderd is reachable), then the coderd client
+with the services that talk through it as its children.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
 
-from coderagent.coderd.credentials import Credentials, CredentialsError, resolveCredentials
+from coderagent.coderd.client import CoderdClient
+from coderagent.coderd.credentials import CredentialsError, resolveCredentials
+from coderagent.coderd.lifecycle import Reporter
 from coderagent.listening import ListeningService
-from coderagent.observe.logs import agentLogObserver, openSink
+from coderagent.observe.logs import LoggingRoot, agentLogObserver, openSink
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.options import Options
 from coderagent.policy import Policy
@@ -34,30 +36,10 @@ __all__ = ["Options", "makeService"]
 log = Logger()
 
 
-class AgentService(MultiService):
-    """The agent's top service; also tells twistd where the agent logs.
-
-    twistd asks the application for an ``ILogObserver`` before it starts
-    logging, so registering one here makes ``--log-human`` the agent's log
-    destination however twistd was started.
-    """
-
-    def __init__(self, observer: ILogObserver | None) -> None:
-        super().__init__()
-        self.observer = observer
-
-    def setServiceParent(self, parent: Any) -> None:
-        super().setServiceParent(parent)
-        setComponent = getattr(parent, "setComponent", None)
-        if self.observer is not None and setComponent is not None:
-            setComponent(ILogObserver, self.observer)
-
-
 class StartupReport(Service):
-    """Says once, at start-up, what this agent is not doing yet."""
+    """Says once, at start-up, which of the given options this agent ignores."""
 
-    def __init__(self, credentials: Credentials, ignored: list[str]) -> None:
-        self.credentials = credentials
+    def __init__(self, ignored: list[str]) -> None:
         self.ignored = ignored
 
     def startService(self) -> None:
@@ -67,10 +49,6 @@ class StartupReport(Service):
                 "options accepted for compatibility but ignored by coderagent: {names}",
                 names=", ".join(f"--{name}" for name in self.ignored),
             )
-        log.info(
-            "coderd client not implemented yet: not connected to {url}; serving SSH regardless",
-            url=self.credentials.url,
-        )
 
 
 def _fail(message: str) -> SystemExit:
@@ -125,8 +103,8 @@ def makeService(
     )
 
     logPath = options["log-human"]
-    top = AgentService(agentLogObserver(openSink(logPath)) if logPath else None)
-    StartupReport(credentials, _ignored(options)).setServiceParent(top)
+    top = LoggingRoot(agentLogObserver(openSink(logPath)) if logPath else None)
+    StartupReport(_ignored(options)).setServiceParent(top)
     ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
@@ -134,6 +112,16 @@ def makeService(
         what="SSH server",
         required=True,
     ).setServiceParent(top)
+    coderd = CoderdClient(
+        url=credentials.url,
+        token=credentials.token,
+        headers=options["agent-header"],
+        headerCommand=options["agent-header-command"],
+        reactor=reactor,
+        environ=environ,
+    )
+    Reporter(coderd, environ, reactor).setServiceParent(coderd)
+    coderd.setServiceParent(top)
     return top
 
 

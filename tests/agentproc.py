@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"SSH server listening on (\S+):(\d+)")
+CODERD_LISTENING = re.compile(r"coderd-dev listening on 127\.0\.0\.1:(\d+)")
 START_TIMEOUT = 60.0
 TIMEOUT = 60.0
 
@@ -63,16 +64,16 @@ class ClientKeys:
 
 
 @dataclass
-class Agent:
-    """A running agent process and what it has logged so far."""
+class LoggedProcess:
+    """A process of ours whose stderr (its log) is read by a thread."""
 
     process: subprocess.Popen[str]
-    home: Path
-    host: str = ""
-    port: int = 0
     lines: list[str] = field(default_factory=list)
     _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
     _cursor: int = 0
+
+    def startReading(self) -> None:
+        threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
         assert self.process.stderr is not None
@@ -91,7 +92,7 @@ class Agent:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"agent never logged {regex.pattern!r}; log:\n{self.log()}")
+                raise AssertionError(f"never logged {regex.pattern!r}; log:\n{self.log()}")
             try:
                 line = self._queue.get(timeout=remaining)
             except queue.Empty:
@@ -99,13 +100,32 @@ class Agent:
             if line is None:
                 self._queue.put(None)
                 raise AssertionError(
-                    f"agent exited ({self.process.wait()}) before logging {regex.pattern!r}; "
+                    f"exited ({self.process.wait()}) before logging {regex.pattern!r}; "
                     f"log:\n{self.log()}"
                 )
             self.lines.append(line)
             m = regex.search(line)
             if m:
                 return m
+
+    def waitForCount(
+        self, pattern: str | re.Pattern[str], n: int, timeout: float = TIMEOUT
+    ) -> None:
+        """Block until ``n`` log lines in all match ``pattern``."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while sum(1 for line in self.lines if regex.search(line)) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{regex.pattern!r} not logged {n} times; log:\n{self.log()}")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self._queue.put(None)
+                raise AssertionError(f"exited before logging {regex.pattern!r} {n} times")
+            self.lines.append(line)
 
     def drain(self) -> None:
         """Collect whatever the log thread has read, without waiting."""
@@ -133,6 +153,63 @@ class Agent:
                 self.process.wait()
         self.drain()
         return self.process.returncode
+
+
+@dataclass
+class Agent(LoggedProcess):
+    """A running agent process and what it has logged so far."""
+
+    home: Path = Path()
+    host: str = ""
+    port: int = 0
+
+
+@dataclass
+class Coderd(LoggedProcess):
+    """A running ``twistd coderd-dev``."""
+
+    port: int = 0
+    token: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def spawnCoderd(workdir: Path, token: str, port: int = 0, extra: Sequence[str] = ()) -> Coderd:
+    """Start coderd-dev on ``port`` (0: any) and wait until it listens."""
+    env = agentEnvironment(workdir)
+    proc = subprocess.Popen(
+        [
+            *twistdCommand(),
+            "-n",
+            "--pidfile=",
+            "coderd-dev",
+            f"--listen=tcp:{port}:interface=127.0.0.1",
+            f"--token={token}",
+            *extra,
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+    )
+    coderd = Coderd(proc, token=token)
+    coderd.startReading()
+    m = coderd.waitForLog(CODERD_LISTENING, timeout=START_TIMEOUT)
+    coderd.port = int(m.group(1))
+    return coderd
+
+
+@contextmanager
+def runningCoderd(workdir: Path, token: str = "test-token", port: int = 0) -> Iterator[Coderd]:
+    coderd = spawnCoderd(workdir, token, port)
+    try:
+        yield coderd
+    finally:
+        coderd.stop()
 
 
 def agentArgs(keys: ClientKeys, dataDir: Path, extra: Sequence[str] = ()) -> list[str]:
@@ -184,8 +261,8 @@ def runningAgent(
     home.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     proc = spawnAgent(agentArgs(keys, data, extraArgs), agentEnvironment(home, extraEnv))
-    agent = Agent(proc, home)
-    threading.Thread(target=agent._pump, daemon=True).start()
+    agent = Agent(proc, home=home)
+    agent.startReading()
     try:
         m = agent.waitForLog(LISTENING, timeout=START_TIMEOUT)
         agent.host, agent.port = m.group(1), int(m.group(2))

@@ -59,6 +59,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderagent.gotext import goQuote
+
 __all__ = [
     "DEFAULT_MAX_BUFFER_SIZE",
     "DEFAULT_SPLIT_SIZE",
@@ -479,62 +481,6 @@ def decodeMetadata(data: bytes) -> dict[str, str]:
             raise ProtocolError("invalid metadata")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
     return out
-
-
-def _goQuote(raw: bytes) -> str:
-    """Go's ``%q`` of a string holding ``raw`` (``strconv.Quote``), for drpcmux's error text."""
-    out = ['"']
-    i = 0
-    n = len(raw)
-    while i < n:
-        b = raw[i]
-        if b < 0x80:
-            size = 1
-        elif 0xC2 <= b <= 0xDF:
-            size = 2
-        elif 0xE0 <= b <= 0xEF:
-            size = 3
-        elif 0xF0 <= b <= 0xF4:
-            size = 4
-        else:
-            size = 0
-        ch = ""
-        if size:
-            try:
-                ch = raw[i : i + size].decode("utf-8")
-            except UnicodeDecodeError:
-                ch = ""
-        if len(ch) != 1:
-            out.append(f"\\x{b:02x}")
-            i += 1
-            continue
-        i += size
-        cp = ord(ch)
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ch.isprintable():
-            out.append(ch)
-        elif ch in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[ch])
-        elif cp < 0x20 or cp == 0x7F:
-            out.append(f"\\x{cp:02x}")
-        elif cp < 0x10000:
-            out.append(f"\\u{cp:04x}")
-        else:
-            out.append(f"\\U{cp:08x}")
-    out.append('"')
-    return "".join(out)
-
-
-_GO_ESCAPES = {
-    "\a": "\\a",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-    "\v": "\\v",
-}
 
 
 # --- the shared connection machinery ----------------------------------------------
@@ -1017,7 +963,7 @@ class DRPCServerProtocol(_DRPCProtocol):
             handler = None
         if handler is None:
             # drpcmux fails before reading the request.
-            self._sendError(stream, 0, "protocol error: unknown rpc: " + _goQuote(stream.method))
+            self._sendError(stream, 0, "protocol error: unknown rpc: " + goQuote(stream.method))
             return
         stream.handler = handler
         stream.awaiting = True

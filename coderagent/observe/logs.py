@@ -12,6 +12,7 @@ import sys
 import time
 from typing import IO, Any, cast
 
+from twisted.application.service import MultiService
 from twisted.logger import (
     FilteringLogObserver,
     ILogFilterPredicate,
@@ -92,4 +93,25 @@ def agentLogObserver(out: IO[str]) -> ILogObserver:
     """The agent's observer: human lines, Conch's per-channel chatter filtered out."""
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
     levels.setLogLevelForNamespace("twisted.conch", LogLevel.warn)
+    # ClientService's own "Scheduling retry" line; the coderd client says it better.
+    levels.setLogLevelForNamespace("twisted.application._client_service", LogLevel.warn)
     return FilteringLogObserver(HumanLogObserver(out), [QuietConch(), levels])
+
+
+class LoggingRoot(MultiService):
+    """A twistd application's top service that also says where the process logs.
+
+    twistd asks the application for an ``ILogObserver`` before it starts
+    logging, so registering one here makes ``--log-human`` (or coderd-dev's
+    stderr) the destination however twistd was started.
+    """
+
+    def __init__(self, observer: ILogObserver | None) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        setComponent = getattr(parent, "setComponent", None)
+        if self.observer is not None and setComponent is not None:
+            setComponent(ILogObserver, self.observer)

@@ -648,8 +648,8 @@ def test_cancel_replies_true_and_global_requests_are_per_connection(
 
 # -- flow control: bounded memory ---------------------------------------------------------
 
-PUSH = 64 * MiB
-RATE = 4 * MiB  # bytes per second the slow side takes
+PUSH = 256 * MiB  # far more than can move in SLOW_FOR: the pusher must be held back
+RATE = 1_000_000  # bytes per second the slow side takes (1 MB/s)
 SLOW_FOR = 6.0  # seconds
 #: The agent may hold one window in flight plus its own overhead.
 RSS_ALLOWANCE = CHANNEL_WINDOW + 6 * MiB
@@ -683,7 +683,7 @@ def freshAgent(clientKeys: ClientKeys, tmp_path: Path) -> Iterator[Agent]:
 
 @pytest.mark.slow
 def test_slow_destination_bounds_agent_memory(freshAgent: Agent, clientKeys: ClientKeys) -> None:
-    """Client pushes 64 MiB through -W into a destination reading 4 MB/s."""
+    """Client pushes 256 MiB through -W into a destination reading 1 MB/s."""
     agent = freshAgent
     accepted: queue.Queue[socket.socket] = queue.Queue()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -735,7 +735,7 @@ def test_slow_destination_bounds_agent_memory(freshAgent: Agent, clientKeys: Cli
 
 @pytest.mark.slow
 def test_slow_client_bounds_agent_memory(freshAgent: Agent, clientKeys: ClientKeys) -> None:
-    """A destination pushes 64 MiB through -W to a client whose output is read at 4 MB/s."""
+    """A destination pushes 256 MiB through -W to a client whose output is read at 1 MB/s."""
     agent = freshAgent
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()

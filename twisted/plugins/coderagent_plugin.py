@@ -12,3 +12,10 @@ coderAgent = ServiceMaker(
     "A Coder workspace agent: SSH server, forwarding policy, boundary audit logs.",
     "coder-agent",
 )
+
+coderdDev = ServiceMaker(
+    "Development coderd",
+    "coderagent.devcoderd.tap",
+    "A development coderd: the agent API in memory, for the README run command and tests.",
+    "coderd-dev",
+)

@@ -36,6 +36,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderagent.gotext import goQuote
 from coderagent.ssh.forwarding.registry import Forwards, MalformedPayload, Payload
 from coderagent.ssh.forwarding.relay import OneSocketFactory, RelayChannel, SocketSide
 from coderagent.ssh.forwarding.tcp import CONNECT_TIMEOUT, UNPARSED, describeConnectError
@@ -49,10 +50,6 @@ SOCKET_MODE = 0o600
 def displayPath(path: str) -> str:
     """``path`` made safe to log and to put on the wire (undecodable bytes replaced)."""
     return os.fsencode(path).decode("utf-8", "replace")
-
-
-def _goQuote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class _ForwardedUnixFactory(Factory):
@@ -173,7 +170,7 @@ class StreamLocalForwarding:
                 return reason  # the SSH connection went away first
             shown = displayPath(path)
             why = describeConnectError(reason.value, shown)
-            message = f"dial unix socket {_goQuote(shown)}: dial unix {shown}: {why}"
+            message = f"dial unix socket {goQuote(path)}: dial unix {shown}: {why}"
             log.info(
                 "direct-streamlocal from {peer} failed: {message}", peer=f.peer(), message=message
             )

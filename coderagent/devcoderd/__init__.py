@@ -1,0 +1,1 @@
+"""coderd-dev: a development coderd serving the agent API in memory (``twistd coderd-dev``)."""

@@ -1,0 +1,172 @@
+"""coderd-dev's own pieces: the manifest file, coderd's log format, the upgrade checks."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from google.protobuf import timestamp_pb2
+from wsproto.events import Request
+
+from coderagent.devcoderd.server import (
+    DevAgentAPI,
+    DevCoderdFactory,
+    ManifestError,
+    Workspace,
+    boundaryFields,
+    formatFields,
+    rfc3339Nano,
+    slogValue,
+)
+from coderagent.pb import agent_pb2
+
+IDS = {
+    "agent_id": "11111111-1111-1111-1111-111111111111",
+    "workspace_id": "22222222-2222-2222-2222-222222222222",
+    "template_id": "33333333-3333-3333-3333-333333333333",
+    "template_version_id": "44444444-4444-4444-4444-444444444444",
+}
+
+
+def workspace() -> Workspace:
+    fields = {
+        **IDS,
+        "owner_username": "alice",
+        "workspace_name": "ws",
+        "agent_name": "main",
+        "directory": "/src",
+        "environment_variables": {"A": "1"},
+        "motd_path": "/etc/motd",
+    }
+    return Workspace.fromJSON(json.dumps(fields), "test")
+
+
+def test_the_manifest_file_fills_the_manifest() -> None:
+    m = workspace().manifest()
+    assert uuid.UUID(bytes=m.agent_id) == uuid.UUID(IDS["agent_id"])
+    assert uuid.UUID(bytes=m.workspace_id) == uuid.UUID(IDS["workspace_id"])
+    assert (m.owner_username, m.workspace_name, m.agent_name) == ("alice", "ws", "main")
+    assert (m.directory, dict(m.environment_variables), m.motd_path) == (
+        "/src",
+        {"A": "1"},
+        "/etc/motd",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[]", "expected a JSON object"),
+        ("{", "not JSON"),
+        ('{"agent_id": "nope"}', "agent_id: not a UUID"),
+        ('{"agent_name": 3}', "agent_name: expected a string"),
+        ('{"environment_variables": {"A": 1}}', "expected an object of strings"),
+        ('{"agnet_name": "x"}', "unknown key 'agnet_name'"),
+    ],
+)
+def test_a_bad_manifest_file_says_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        Workspace.fromJSON(text, "m.json")
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("GET", "GET"),
+        ("", '""'),
+        ("https://example.com/a?b=c", "https://example.com/a?b=c"),
+        ("two words", '"two words"'),
+        ('say "hi"', '"say \\"hi\\""'),
+        ("tab\there", '"tab\\there"'),
+        ("é", "é"),
+    ],
+)
+def test_values_are_quoted_as_sloghuman_does(value: str, shown: str) -> None:
+    assert slogValue(value) == shown
+
+
+def test_rfc3339nano_drops_trailing_zeros() -> None:
+    assert (
+        rfc3339Nano(datetime(2026, 1, 2, 15, 4, 5, 100000, tzinfo=UTC)) == "2026-01-02T15:04:05.1Z"
+    )
+    assert rfc3339Nano(datetime(2026, 1, 2, 15, 4, 5, tzinfo=UTC)) == "2026-01-02T15:04:05Z"
+
+
+def _log(allowed: bool, seconds: int = 0, nanos: int = 0, **http: str) -> agent_pb2.BoundaryLog:
+    entry = agent_pb2.BoundaryLog(
+        allowed=allowed, sequence_number=3, http_request=agent_pb2.BoundaryLog.HttpRequest(**http)
+    )
+    if seconds:
+        entry.time.CopyFrom(timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))
+    return entry
+
+
+def test_boundary_request_line_has_coderds_fields_in_coderds_order() -> None:
+    request = agent_pb2.ReportBoundaryLogsRequest(session_id="sess-1")
+    allowed = _log(
+        True,
+        1767366245,
+        100000000,
+        method="GET",
+        url="https://example.com/x",
+        matched_rule="*.example.com",
+    )
+    line = formatFields("boundary_request", boundaryFields(workspace(), request, allowed, 0))
+    assert line == (
+        "boundary_request  owner=alice  workspace_name=ws  agent_name=main  decision=allow  "
+        "session_id=sess-1  sequence_number=3  "
+        f"workspace_id={IDS['workspace_id']}  template_id={IDS['template_id']}  "
+        f"template_version_id={IDS['template_version_id']}  http_method=GET  "
+        "http_url=https://example.com/x  event_time=2026-01-02T15:04:05.1Z  "
+        "matched_rule=*.example.com"
+    )
+    denied = _log(False, method="POST", url="https://evil.test/")
+    fields = dict(boundaryFields(workspace(), request, denied, 1767366245.25))
+    assert fields["decision"] == "deny" and "matched_rule" not in fields
+    assert fields["event_time"] == "2026-01-02T15:04:05.25Z"  # no time: when it was received
+
+
+def _request(target: str, headers: list[tuple[bytes, bytes]]) -> Request:
+    return Request(host="h", target=target, extra_headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("target", "headers", "verdict"),
+    [
+        ("/api/v2/workspaceagents/me/rpc?version=2.7", [(b"coder-session-token", b"t")], None),
+        (
+            "/api/v2/workspaceagents/me/rpc?version=2.7",
+            [(b"cookie", b"coder_session_token=t")],
+            None,
+        ),
+        ("/api/v2/workspaceagents/me/rpc", [(b"coder-session-token", b"t")], None),
+        (
+            "/api/v2/workspaceagents/me/rpc?version=2.7",
+            [(b"coder-session-token", b"x")],
+            (401, "Workspace agent not authorized."),
+        ),
+        (
+            "/api/v2/workspaceagents/me/rpc?version=2.7",
+            [],
+            (401, "Workspace agent not authorized."),
+        ),
+        (
+            "/api/v2/workspaceagents/me/rpc?version=3.0",
+            [(b"coder-session-token", b"t")],
+            (400, "Unknown or unsupported API version"),
+        ),
+        ("/api/v2/nope", [(b"coder-session-token", b"t")], (404, "Route /api/v2/nope not found.")),
+    ],
+)
+def test_the_upgrade_is_checked_like_coderd(
+    target: str, headers: list[tuple[bytes, bytes]], verdict: Any
+) -> None:
+    factory = DevCoderdFactory(DevAgentAPI(Workspace()), "t", reactor=None)
+    result = factory.accept(_request(target, headers), "peer")
+    if verdict is None:
+        assert not isinstance(result, tuple)
+    else:
+        assert result == verdict
