@@ -1,12 +1,21 @@
+# Twisted and pytest-twisted are partly unannotated (as in pyproject's coderagent.* override).
+# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """The agent and ``twistd coderd-dev`` as two real processes, as the README runs them."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+import pytest_twisted
+
+from coderagent.coderd.client import CoderdClient
+from coderagent.coderd.drpc import DRPCError
+from coderagent.pb import agent_pb2
 from tests.agentproc import (
     ClientKeys,
     runningAgent,
@@ -100,3 +109,82 @@ def test_coderd_killed_and_restarted_ten_times_leaves_ssh_alone(
             assert set(retries) <= {0.262, 0.424, 0.685, 1.11, 1.79}
     finally:
         coderd.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_coderd_dev_writes_boundary_logs_as_coderd_does(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(
+        json.dumps(
+            {
+                "owner_username": "alice",
+                "workspace_name": "ws",
+                "agent_name": "main",
+                "workspace_id": "22222222-2222-2222-2222-222222222222",
+                "template_id": "33333333-3333-3333-3333-333333333333",
+                "template_version_id": "44444444-4444-4444-4444-444444444444",
+            }
+        )
+    )
+    coderd = spawnCoderd(tmp_path / "coderd", "tok", extra=[f"--manifest={manifest}"])
+    client = CoderdClient(url=coderd.url, token="tok", reactor=reactor)
+    client.startService()
+    try:
+        allowed = agent_pb2.BoundaryLog(
+            allowed=True,
+            sequence_number=7,
+            http_request=agent_pb2.BoundaryLog.HttpRequest(
+                method="GET", url="https://example.com/x y", matched_rule="*.example.com"
+            ),
+        )
+        allowed.time.FromNanoseconds(1767366245_120000000)
+        denied = agent_pb2.BoundaryLog(
+            allowed=False,
+            sequence_number=8,
+            http_request=agent_pb2.BoundaryLog.HttpRequest(method="POST", url="https://evil.test/"),
+        )
+        request = agent_pb2.ReportBoundaryLogsRequest(
+            session_id="s-1", confined_process_name="claude", logs=[allowed, denied]
+        )
+        await client.call("ReportBoundaryLogs", request, timeout=30)
+        with pytest.raises(DRPCError, match="batch size 1001 exceeds maximum of 1000"):
+            await client.call(
+                "ReportBoundaryLogs",
+                agent_pb2.ReportBoundaryLogsRequest(logs=[denied] * 1001),
+                timeout=30,
+            )
+    finally:
+        await client.stopService()
+        coderd.stop()
+    ids = (
+        "workspace_id=22222222-2222-2222-2222-222222222222  "
+        "template_id=33333333-3333-3333-3333-333333333333  "
+        "template_version_id=44444444-4444-4444-4444-444444444444"
+    )
+    prefix = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[info\]  coderd\.agentrpc: boundary_request  "
+    owner = "owner=alice  workspace_name=ws  agent_name=main"
+    lines = coderd.log().splitlines()
+    assert any(
+        re.fullmatch(
+            prefix
+            + re.escape(
+                f"{owner}  decision=allow  session_id=s-1  sequence_number=7  {ids}  "
+                'http_method=GET  http_url="https://example.com/x y"  '
+                "event_time=2026-01-02T15:04:05.12Z  matched_rule=*.example.com"
+            ),
+            line,
+        )
+        for line in lines
+    ), lines
+    assert any(
+        re.fullmatch(
+            prefix
+            + re.escape(f"{owner}  decision=deny  session_id=s-1  sequence_number=8  {ids}  ")
+            + r"http_method=POST  http_url=https://evil\.test/  event_time=\S+Z",
+            line,
+        )
+        for line in lines
+    ), lines
+    assert sum("boundary_request" in line for line in lines) == 2  # the 1001 were refused
