@@ -14,7 +14,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -44,8 +44,12 @@ class ListeningService(Service):
         factory: IProtocolFactory,
         what: str,
         required: bool,
+        endpoint: IStreamServerEndpoint | None = None,
     ) -> None:
+        """``endpoint``, if given, is listened on instead of parsing ``description``
+        (which then only names it in log lines)."""
         self.reactor = reactor
+        self.endpoint = endpoint
         self.description = description
         self.factory = factory
         self.what = what
@@ -66,7 +70,7 @@ class ListeningService(Service):
             return
         self._attempted = True
         results: list[Any] = []
-        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        endpoint = self.endpoint or endpoints.serverFromString(self.reactor, self.description)
         endpoint.listen(self.factory).addBoth(results.append)
         if not results:  # every endpoint we use binds synchronously
             raise SystemExit(

@@ -175,6 +175,38 @@ def _parseInteger(text: str, what: str, low: int, high: int | None) -> int:
     raise ValueError(f"invalid {what} {_quote(text)} (expected an integer {expected})")
 
 
+_SIZE = re.compile(r"([0-9]+)\s*([KMG]i?B?|B)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "ki": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "mi": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "gi": 1024**3,
+}
+
+
+def _parseSize(text: str) -> int:
+    """A byte count: ``268435456``, ``256MiB``, ``500MB``, ``1GiB`` (at least 64 KiB)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is not None:
+        value = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+        if value >= 64 * 1024:
+            return value
+    raise ValueError(
+        f"invalid size {_quote(text)} (expected bytes, or a number with KiB, MiB, GiB, KB, MB "
+        "or GB, of at least 64KiB)"
+    )
+
+
 def _parsePort(text: str) -> int:
     return _parseInteger(text, "port", 0, 65535)
 
@@ -349,6 +381,7 @@ PORT = Kind("port", "<port>", _parsePort)
 COUNT = Kind("count", "<n>", _parseCount)
 HEADERS = Kind("headers", "<key=value>", _parseHeaders, repeatable=True)
 AUTH = Kind("auth type", "<type>", _parseAuth)
+SIZE = Kind("size", "<bytes>", _parseSize)
 URL = Kind("URL", "<url>", _parseURL)
 ENDPOINT = Kind("endpoint", "<description>", _parseEndpoint)
 
@@ -377,6 +410,7 @@ class OptionSpec:
 _TMP = tempfile.gettempdir()
 _IGNORED = "Accepted for compatibility and ignored by this agent."
 _HOST_KEY_SUBDIR = "coder-agent-ssh-host-keys"
+_SPOOL_SUBDIR = "coder-agent-boundary-spool"
 
 #: Every option of ``twistd coder-agent``, upstream's first, then ours.
 OPTIONS: tuple[OptionSpec, ...] = (
@@ -596,6 +630,30 @@ OPTIONS: tuple[OptionSpec, ...] = (
         OPTIONAL_PATH,
         "Directory of the SSH host keys, generated there on first start.",
         helpDefault=f"<script-data-dir>/{_HOST_KEY_SUBDIR}",
+    ),
+    OptionSpec(
+        "boundary-log-spool-dir",
+        "CODER_AGENT_BOUNDARY_LOG_SPOOL_DIR",
+        "",
+        OPTIONAL_PATH,
+        "Directory where boundary audit logs wait until coderd has them (created 0700).",
+        helpDefault=f"<script-data-dir>/{_SPOOL_SUBDIR}",
+    ),
+    OptionSpec(
+        "boundary-log-spool-max-bytes",
+        "CODER_AGENT_BOUNDARY_LOG_SPOOL_MAX_BYTES",
+        "256MiB",
+        SIZE,
+        "Most boundary audit logs kept waiting for coderd; beyond it the oldest are dropped "
+        "and counted.",
+    ),
+    OptionSpec(
+        "boundary-log-commit-interval",
+        "CODER_AGENT_BOUNDARY_LOG_COMMIT_INTERVAL",
+        "50ms",
+        POSITIVE_DURATION,
+        "Longest a received boundary audit log waits before it is written to the spool; "
+        "what was received earlier survives a crash.",
     ),
     OptionSpec(
         "ssh-login-grace-time",
@@ -822,6 +880,8 @@ class Options(usage.Options):
             sources[spec.name] = raw.source
         if not typed["ssh-host-key-dir"]:
             typed["ssh-host-key-dir"] = os.path.join(typed["script-data-dir"], _HOST_KEY_SUBDIR)
+        if not typed["boundary-log-spool-dir"]:
+            typed["boundary-log-spool-dir"] = os.path.join(typed["script-data-dir"], _SPOOL_SUBDIR)
         self._commandLine = commandLine
         self._sources = sources
         self.update(typed)

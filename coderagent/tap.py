@@ -15,10 +15,14 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
+from coderagent.boundary.forwarder import Forwarder
+from coderagent.boundary.server import BoundaryLogProxy
+from coderagent.boundary.spool import Spool
 from coderagent.coderd.client import CoderdClient
 from coderagent.coderd.credentials import CredentialsError, resolveCredentials
-from coderagent.coderd.lifecycle import Reporter
+from coderagent.coderd.lifecycle import Reporter, sessionVariables
 from coderagent.listening import ListeningService
+from coderagent.observe.http import metricsSite, strportsFor
 from coderagent.observe.logs import LoggingRoot, agentLogObserver, openSink
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.options import Options
@@ -83,13 +87,14 @@ def makeService(
         blockLocalPortForwarding=options["block-local-port-forwarding"],
         blockReversePortForwarding=options["block-reverse-port-forwarding"],
     )
+    metrics = AgentMetrics()
     context = SessionContext(
         policy=policy,
         reactor=reactor,
         user=UserInfo.current(environ),
         agentEnvironment=environ,
         sftpServer=AgentSFTPServer,
-        metrics=AgentMetrics(),
+        metrics=metrics,
     )
     factory = AgentSSHFactory(
         config=SSHConfig(
@@ -112,6 +117,29 @@ def makeService(
         what="SSH server",
         required=True,
     ).setServiceParent(top)
+    spool = Spool(
+        options["boundary-log-spool-dir"],
+        reactor=reactor,
+        maxBytes=options["boundary-log-spool-max-bytes"],
+        commitInterval=options["boundary-log-commit-interval"],
+        onDrop=metrics.boundaryDropped,
+    )
+    spool.open()
+    metrics.watchSpool(
+        lambda: spool.pendingRecords, lambda: spool.pendingLogs, lambda: spool.pendingBytes
+    )
+    socketPath = options["boundary-log-proxy-socket-path"]
+    if socketPath:
+        BoundaryLogProxy(
+            path=socketPath,
+            spool=spool,
+            metrics=metrics,
+            reactor=reactor,
+            announce=lambda path: context.overrides.update(CODER_BOUNDARY_LOG_SOCKET=path),
+        ).setServiceParent(top)
+    else:
+        log.warn("boundary log proxy socket path not defined; not starting proxy")
+
     coderd = CoderdClient(
         url=credentials.url,
         token=credentials.token,
@@ -120,8 +148,20 @@ def makeService(
         reactor=reactor,
         environ=environ,
     )
-    Reporter(coderd, environ, reactor).setServiceParent(coderd)
+    reporter = Reporter(coderd, environ, reactor)
+    reporter.onManifest(lambda manifest: context.overrides.update(sessionVariables(manifest)))
+    reporter.setServiceParent(coderd)
+    Forwarder(spool=spool, client=coderd, metrics=metrics, clock=reactor).setServiceParent(coderd)
     coderd.setServiceParent(top)
+
+    if options["prometheus-address"]:
+        ListeningService(
+            reactor=reactor,
+            description=strportsFor(options["prometheus-address"]),
+            factory=metricsSite(metrics),
+            what="Prometheus metrics",
+            required=False,
+        ).setServiceParent(top)
     return top
 
 

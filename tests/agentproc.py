@@ -220,6 +220,8 @@ def agentArgs(keys: ClientKeys, dataDir: Path, extra: Sequence[str] = ()) -> lis
         f"--log-dir={dataDir}",
         "--agent-url=http://127.0.0.1:9",
         "--agent-token=test-token",
+        f"--boundary-log-proxy-socket-path={dataDir}/boundary-audit.sock",
+        "--prometheus-address=127.0.0.1:0",
         *extra,
     ]
 

@@ -99,7 +99,7 @@ def test_every_option_has_a_typed_value_and_a_default_source() -> None:
 def test_table_names_are_unique_and_env_names_prefixed() -> None:
     names = [spec.name for spec in OPTIONS]
     envs = [spec.env for spec in OPTIONS]
-    assert len(set(names)) == len(names) == 31
+    assert len(set(names)) == len(names) == 34
     assert len(set(envs)) == len(envs)
     assert all(env.startswith("CODER_AGENT_") for env in envs)
 
@@ -245,6 +245,10 @@ ADDRESS_PROBLEM = (
 )
 URL_PROBLEM = 'invalid URL "ftp://coder.example.com" (expected an http or https URL with a host)'
 PORT_PROBLEM = 'invalid port "70000" (expected an integer from 0 to 65535)'
+SIZE_PROBLEM = (
+    'invalid size "1TB?" (expected bytes, or a number with KiB, MiB, GiB, KB, MB or GB, '
+    "of at least 64KiB)"
+)
 AUTH_PROBLEM = (
     "unknown agent auth type: password (expected token, google-instance-identity, "
     "aws-instance-identity or azure-instance-identity)"
@@ -260,6 +264,12 @@ AUTH_PROBLEM = (
         ("agent-url", "CODER_AGENT_URL", "ftp://coder.example.com", URL_PROBLEM),
         ("tailnet-listen-port", "CODER_AGENT_TAILNET_LISTEN_PORT", "70000", PORT_PROBLEM),
         ("auth", "CODER_AGENT_AUTH", "password", AUTH_PROBLEM),
+        (
+            "boundary-log-spool-max-bytes",
+            "CODER_AGENT_BOUNDARY_LOG_SPOOL_MAX_BYTES",
+            "1TB?",
+            SIZE_PROBLEM,
+        ),
     ],
 )
 def test_bad_values_name_their_source(flag: str, env: str, value: str, problem: str) -> None:
@@ -572,3 +582,30 @@ def test_token_never_shown() -> None:
     assert TOKEN not in repr(options)
     assert "'agent-token': '<hidden>'" in repr(options)
     assert TOKEN not in exitMessage(["--agent-token", TOKEN, "--no-reap=maybe"])
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("268435456", 268435456),
+        ("256MiB", 256 << 20),
+        ("500MB", 500_000_000),
+        ("1gib", 1 << 30),
+        ("64KiB", 65536),
+    ],
+)
+def test_spool_sizes(text: str, size: int) -> None:
+    assert (
+        parsed([f"--boundary-log-spool-max-bytes={text}"])["boundary-log-spool-max-bytes"] == size
+    )
+
+
+def test_spool_defaults_live_under_the_script_data_dir() -> None:
+    options = parsed(["--script-data-dir=/data"])
+    assert options["boundary-log-spool-dir"] == "/data/coder-agent-boundary-spool"
+    assert options["boundary-log-spool-max-bytes"] == 256 << 20
+    assert options["boundary-log-commit-interval"] == 0.05
+    assert exitMessage(["--boundary-log-spool-max-bytes=1000"]) == (
+        "coder-agent: --boundary-log-spool-max-bytes: "
+        + SIZE_PROBLEM.replace('"1TB?"', '"1000"')
+    )

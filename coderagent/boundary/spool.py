@@ -212,6 +212,7 @@ class Spool:
         self._memoryBytes = 0
         self._unflushed: list[Record] = []
         self._diskOK = True
+        self._diskBroken = False  # the directory itself is unusable: never retry
         self._acked = 0
         self._ackedOnDisk = 0
         #: The last record handed out by take (acknowledged or not).
@@ -229,9 +230,27 @@ class Spool:
     # -- opening: recover what a previous run left --------------------------------
 
     def open(self) -> None:
-        """Create the directory (0700) and recover the segments; raises OSError if unusable."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.directory, 0o700)
+        """Create the directory (0700) and recover the segments.
+
+        A directory that cannot be used is logged as an error and the spool
+        runs in memory (bounded by ``memoryBytes``) rather than not at all.
+        """
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.directory, 0o700)
+            self._recoverAll()
+        except OSError as e:
+            log.error(
+                "boundary spool {dir} is unusable ({error}); audit logs are kept in memory "
+                "only (up to {limit} bytes) and do not survive a restart",
+                dir=str(self.directory),
+                error=e.strerror or str(e),
+                limit=self.memoryBytes,
+            )
+            self._diskOK = False
+            self._diskBroken = True
+
+    def _recoverAll(self) -> None:
         self._acked = self._ackedOnDisk = self._readAcked()
         for path in sorted(self.directory.glob("*.seg"), key=_segmentOrder):
             self._recover(path)
@@ -497,7 +516,7 @@ class Spool:
                 return record
         # Memory holds only what is newer than everything on disk.
         if not self._memory:
-            self._diskOK = True  # the next append tries the disk again
+            self._diskOK = not self._diskBroken  # the next append tries the disk again
             return None
         record = self._memory.popleft()
         self._memoryBytes -= record.size

@@ -215,18 +215,25 @@ class CoderdClient(MultiService):
         if self._current is not None:
             self._runHook(hook, self._current)
 
-    def call(self, name: str, request: Message, *, timeout: float | None = None) -> Deferred[Any]:
+    def call(
+        self, name: str, request: Message | bytes, *, timeout: float | None = None
+    ) -> Deferred[Any]:
         """Call ``/coder.agent.v2.Agent/<name>``; fires with the decoded response.
 
-        Fails with :class:`CoderdUnavailable` when there is no connection
-        within ``timeout`` (or the connection breaks), with
+        ``request`` is the request message, or its encoding (for callers that
+        hold bytes already, like the boundary spool).  Fails with
+        :class:`CoderdUnavailable` when there is no connection within
+        ``timeout`` (or the connection breaks), with
         :class:`~coderagent.coderd.drpc.DRPCError` when coderd answers with an
         error.
         """
         rpc = RPCS[name]
-        if not isinstance(request, rpc.request):
+        if isinstance(request, bytes):
+            payload = request
+        elif isinstance(request, rpc.request):
+            payload = request.SerializeToString()
+        else:
             raise TypeError(f"{name} takes {rpc.request.__name__}, not {type(request).__name__}")
-        payload = request.SerializeToString()
         limit = self.callTimeout if timeout is None else timeout
         d: Deferred[Any] = self._connector.whenConnected()
         d.addCallback(lambda conn: self._invoke(conn, rpc.path, payload))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -52,6 +53,18 @@ def expandDirectory(directory: str, environ: Mapping[str, str]) -> str:
     if directory == "~" or directory.startswith("~/"):
         directory = home + directory[1:]
     return _VARIABLE.sub(lambda m: environ.get(m.group(1) or m.group(2), ""), directory)
+
+
+def sessionVariables(manifest: agent_pb2.Manifest) -> dict[str, str]:
+    """What sessions learn from the manifest: upstream's ``CODER_*`` identity variables."""
+    variables = {
+        "CODER_WORKSPACE_NAME": manifest.workspace_name,
+        "CODER_WORKSPACE_AGENT_NAME": manifest.agent_name,
+        "CODER_WORKSPACE_OWNER_NAME": manifest.owner_username,
+    }
+    if len(manifest.workspace_id) == 16:
+        variables["CODER_WORKSPACE_ID"] = str(uuid.UUID(bytes=manifest.workspace_id))
+    return {k: v for k, v in variables.items() if v}
 
 
 class Reporter(Service):

@@ -34,6 +34,13 @@ _LEVELS = {
 }
 
 
+def humanLine(when: float, level: LogLevel, namespace: str, text: str) -> str:
+    """One line in upstream's human layout (cdr.dev/slog's sloghuman), newline included."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+    millis = int((when % 1) * 1000)
+    return f"{stamp}.{millis:03d} [{_LEVELS.get(level, 'info')}]  {namespace}: {text}\n"
+
+
 def openSink(path: str) -> IO[str]:
     """Open a log destination; ``/dev/stdout`` and ``/dev/stderr`` use the process streams."""
     if path == "/dev/stderr":
@@ -51,13 +58,12 @@ class HumanLogObserver:
         self.out = out
 
     def __call__(self, event: dict[str, Any]) -> None:
-        when = event.get("log_time", time.time())
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
-        millis = int((when % 1) * 1000)
-        level = _LEVELS.get(event.get("log_level", LogLevel.info), "info")
-        namespace = event.get("log_namespace", "?")
-        text = formatEvent(event) or ""
-        line = f"{stamp}.{millis:03d} [{level}]  {namespace}: {text}\n"
+        line = humanLine(
+            event.get("log_time", time.time()),
+            event.get("log_level", LogLevel.info),
+            event.get("log_namespace", "?"),
+            formatEvent(event) or "",
+        )
         failure = event.get("log_failure")
         if isinstance(failure, Failure):
             line += failure.getTraceback()

@@ -10,11 +10,35 @@ the reactor, which must stay twistd's choice.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    generate_latest,
+)
 
 #: Label values of ``agent_ssh_forwarding_refused_total``.
 FORWARD_DIRECTIONS = ("local", "reverse")
 FORWARD_TRANSPORTS = ("tcp", "unix")
+
+#: ``reason`` values of the boundary drop counters: upstream's, then ours.
+BOUNDARY_BATCH_DROP_REASONS = (
+    "buffer_full",
+    "forward_failed",
+    "spool_full",
+    "spool_unavailable",
+    "spool_unreadable",
+)
+BOUNDARY_LOG_DROP_REASONS = (
+    *BOUNDARY_BATCH_DROP_REASONS,
+    "boundary_channel_full",
+    "boundary_batch_full",
+)
+#: ``reason`` values of ``agent_boundary_log_proxy_frames_rejected_total`` (ours).
+BOUNDARY_FRAME_REJECT_REASONS = ("unsupported_tag", "too_large", "undecodable", "stalled")
 
 
 class AgentMetrics:
@@ -22,6 +46,8 @@ class AgentMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # The process's CPU, memory and file descriptors, as Go's collector gives.
+        ProcessCollector(registry=self.registry)
         self.forwardingRefusedTotal = Counter(
             "agent_ssh_forwarding_refused",
             "Port and Unix-socket forwards refused by policy.",
@@ -32,6 +58,59 @@ class AgentMetrics:
         for direction in FORWARD_DIRECTIONS:
             for transport in FORWARD_TRANSPORTS:
                 self.forwardingRefusedTotal.labels(direction, transport)
+
+        self.boundaryBatchesForwarded = Counter(
+            "agent_boundary_log_proxy_batches_forwarded",
+            "Boundary log batches delivered to coderd.",
+            registry=self.registry,
+        )
+        self.boundaryBatchesDropped = Counter(
+            "agent_boundary_log_proxy_batches_dropped",
+            "Boundary log batches dropped, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.boundaryLogsDropped = Counter(
+            "agent_boundary_log_proxy_logs_dropped",
+            "Boundary logs dropped (here or, as boundary reports, by boundary), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.boundaryFramesRejected = Counter(
+            "agent_boundary_log_proxy_frames_rejected",
+            "Frames on the boundary socket that were not audit logs, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in BOUNDARY_BATCH_DROP_REASONS:
+            self.boundaryBatchesDropped.labels(reason)
+        for reason in BOUNDARY_LOG_DROP_REASONS:
+            self.boundaryLogsDropped.labels(reason)
+        for reason in BOUNDARY_FRAME_REJECT_REASONS:
+            self.boundaryFramesRejected.labels(reason)
+        self._spooled = {
+            name: Gauge(
+                f"agent_boundary_log_proxy_spooled_{name}",
+                f"Boundary log {name} waiting for coderd (in the spool).",
+                registry=self.registry,
+            )
+            for name in ("batches", "logs", "bytes")
+        }
+
+    def boundaryDropped(self, reason: str, batches: int, logs: int) -> None:
+        """Count batches (and their logs) the boundary proxy had to drop."""
+        if batches:
+            self.boundaryBatchesDropped.labels(reason).inc(batches)
+        if logs:
+            self.boundaryLogsDropped.labels(reason).inc(logs)
+
+    def watchSpool(
+        self, batches: Callable[[], int], logs: Callable[[], int], size: Callable[[], int]
+    ) -> None:
+        """Read the spool's backlog whenever the metrics are collected."""
+        self._spooled["batches"].set_function(batches)
+        self._spooled["logs"].set_function(logs)
+        self._spooled["bytes"].set_function(size)
 
     def forwardingRefused(self, direction: str, transport: str) -> None:
         """Count one forward refused by policy (``local|reverse``, ``tcp|unix``)."""

@@ -97,7 +97,9 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
 def test_bad_option_values_stop_with_one_line(
     clientKeys: ClientKeys, tmp_path: Path, env: dict[str, str], args: list[str], named: str
 ) -> None:
-    base = [a for a in agentArgs(clientKeys, tmp_path) if not a.startswith("--agent-url")]
+    # The variables under test must not be shadowed by agentArgs' flags.
+    shadowing = ("--agent-url", "--prometheus-address")
+    base = [a for a in agentArgs(clientKeys, tmp_path) if not a.startswith(shadowing)]
     if "CODER_AGENT_URL" not in env:
         base.append("--agent-url=http://127.0.0.1:9")
     result = runToExit([*base, *args], agentEnvironment(tmp_path, env))

@@ -1,0 +1,185 @@
+"""Spool to coderd: ReportBoundaryLogs, in order, retried until coderd has them.
+
+Upstream makes one attempt per batch and drops it on any error.  Here a batch
+stays in the spool until coderd acknowledged it; while coderd is unreachable
+the forwarder waits (the coderd client reconnects meanwhile) and tries again
+with upstream's backoff, so batches arrive in the order they were received,
+only later.  Consecutive batches of one boundary session travel as one
+request of at most 1000 logs (coderd's limit) and 3.5 MiB (under DRPC's
+4 MiB); a batch of more than 1000 logs is split.
+
+The one case where a batch is given up is coderd *answering* with an error
+for it ``MAX_REJECTIONS`` times in a row (it is then not a matter of waiting):
+it is dropped, logged with coderd's message and counted as
+``forward_failed``, so that one bad batch cannot hold up every later one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from coderagent.boundary.spool import Record, Spool
+from coderagent.coderd.client import CoderdClient, retryDelay
+from coderagent.coderd.drpc import DRPCError
+from coderagent.observe.metrics import AgentMetrics
+from coderagent.pb import agent_pb2
+
+log = Logger()
+
+#: coderd's maxBoundaryLogsPerBatch.
+MAX_LOGS_PER_REQUEST = 1000
+#: Room under DRPC's 4 MiB message cap.
+MAX_REQUEST_BYTES = 3_584 * 1024
+#: coderd refusing one request this many times in a row drops it.
+MAX_REJECTIONS = 5
+#: How long one ReportBoundaryLogs may take before it is tried again.
+CALL_TIMEOUT = 30.0
+#: How long stopping waits for the request on its way.
+STOP_GRACE = 5.0
+
+
+def requests(records: list[Record]) -> Iterator[tuple[bytes, int, list[Record]]]:
+    """``(encoded request, log count, records)`` for consecutive runs of one session.
+
+    Serialized protobuf messages concatenate into their merge: the ``logs``
+    of every batch in order, the same session fields.  So a run is sent as
+    the batches' bytes joined, without decoding them.
+    """
+    run: list[Record] = []
+    logs = 0
+    for record in records:
+        if record.logs > MAX_LOGS_PER_REQUEST:
+            if run:
+                yield b"".join(r.payload for r in run), logs, run
+                run, logs = [], 0
+            yield from _split(record)
+            continue
+        if run and (record.key != run[0].key or logs + record.logs > MAX_LOGS_PER_REQUEST):
+            yield b"".join(r.payload for r in run), logs, run
+            run, logs = [], 0
+        run.append(record)
+        logs += record.logs
+    if run:
+        yield b"".join(r.payload for r in run), logs, run
+
+
+def _split(record: Record) -> Iterator[tuple[bytes, int, list[Record]]]:
+    whole = agent_pb2.ReportBoundaryLogsRequest.FromString(record.payload)
+    entries = list(whole.logs)
+    for start in range(0, len(entries), MAX_LOGS_PER_REQUEST):
+        part = agent_pb2.ReportBoundaryLogsRequest(
+            logs=entries[start : start + MAX_LOGS_PER_REQUEST],
+            session_id=whole.session_id,
+            confined_process_name=whole.confined_process_name,
+        )
+        last = start + MAX_LOGS_PER_REQUEST >= len(entries)
+        yield part.SerializeToString(), len(part.logs), [record] if last else []
+
+
+class Forwarder(Service):
+    """Takes from ``spool``, delivers through ``client``, acknowledges."""
+
+    def __init__(
+        self, *, spool: Spool, client: CoderdClient, metrics: AgentMetrics, clock: Any
+    ) -> None:
+        self.spool = spool
+        self.client = client
+        self.metrics = metrics
+        self.clock = clock
+        self._loop: Deferred[None] | None = None
+        self._waiting: Deferred[Any] | None = None
+        self._failing = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = ensureDeferred(self._run())
+        self._loop.addErrback(self._crashed)
+
+    def _crashed(self, reason: Failure) -> None:
+        if not reason.check(CancelledError):
+            log.failure("boundary log forwarder stopped unexpectedly", reason)
+
+    async def _run(self) -> None:
+        while self.running:
+            self._waiting = self.spool.available()
+            await self._waiting
+            self._waiting = None
+            records = self.spool.take(MAX_LOGS_PER_REQUEST, MAX_REQUEST_BYTES)
+            if not records:
+                continue
+            for payload, logs, done in requests(records):
+                await self._deliver(payload, logs, done)
+            self.spool.ack(records)
+
+    async def _deliver(self, payload: bytes, logs: int, records: list[Record]) -> None:
+        attempt = rejections = 0
+        while True:
+            try:
+                await self.client.call("ReportBoundaryLogs", payload, timeout=CALL_TIMEOUT)
+            except DRPCError as e:
+                rejections += 1
+                if rejections >= MAX_REJECTIONS:
+                    log.error(
+                        "coderd refused {logs} boundary logs {n} times ({error}); dropping them",
+                        logs=logs,
+                        n=rejections,
+                        error=e.message,
+                    )
+                    self.metrics.boundaryDropped("forward_failed", len(records), logs)
+                    return
+                self._failed(f"coderd refused them: {e.message}")
+            except CancelledError:
+                raise
+            except Exception as e:  # CoderdUnavailable, a broken connection: wait and retry
+                self._failed(str(e))
+            else:
+                self.metrics.boundaryBatchesForwarded.inc(len(records))
+                if self._failing:
+                    self._failing = False
+                    log.info(
+                        "boundary logs are reaching coderd again ({pending} batches waiting)",
+                        pending=self.spool.pendingRecords,
+                    )
+                return
+            attempt += 1
+            self._waiting = deferLater(self.clock, retryDelay(attempt), lambda: None)
+            await self._waiting
+            self._waiting = None
+
+    def _failed(self, why: str) -> None:
+        if not self._failing:
+            self._failing = True
+            log.warn(
+                "boundary logs cannot reach coderd ({why}); keeping them ({pending} batches "
+                "waiting) and retrying",
+                why=why,
+                pending=self.spool.pendingRecords,
+            )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        loop, self._loop = self._loop, None
+        done: Deferred[None] = Deferred()
+        if loop is None:
+            done.callback(None)
+            return done.addCallback(lambda _: self.spool.close())
+        # Let the request on its way finish (bounded); what is left stays spooled.
+        if self._waiting is not None:
+            self._waiting.cancel()
+        timer = self.clock.callLater(STOP_GRACE, loop.cancel)
+
+        def finished(result: object) -> None:
+            if timer.active():
+                timer.cancel()
+            self.spool.close()
+            done.callback(None)
+
+        loop.addBoth(finished)
+        return done

@@ -1,0 +1,229 @@
+"""The boundary socket: sandboxing processes write audit log frames, the agent spools them.
+
+Any number of writers connect at once; each is read independently, so one
+that sends half a frame and stalls holds up nobody (and is closed after
+``STALL_TIMEOUT``).  What a frame holds goes straight into the spool:
+accepting is appending, and the forwarder takes it from there.
+
+Errors follow upstream (reference §2.3): a bad header (unknown tag, length
+over 32768) closes that connection, since nothing marks where the next frame
+would start; a payload that is not valid protobuf loses that frame only.
+Each is logged and counted in ``agent_boundary_log_proxy_frames_rejected_total``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from coderagent.boundary.codec import FrameError, FrameParser, Logs, MessageError, Status
+from coderagent.boundary.codec import decodePayload as _decode
+from coderagent.boundary.spool import Spool
+from coderagent.listening import ListeningService
+from coderagent.observe.metrics import AgentMetrics
+
+log = Logger()
+
+#: A writer that leaves a frame unfinished this long is closed.
+STALL_TIMEOUT = 30.0
+
+#: The socket's mode: only the agent's user (and root) may write audit logs.
+SOCKET_MODE = 0o600
+
+
+def sessionKey(logs: Logs) -> bytes:
+    """What consecutive batches must share to be sent as one request."""
+    request = logs.request
+    return f"{request.session_id}\0{request.confined_process_name}".encode()
+
+
+class BoundaryWriter(Protocol):
+    """One connection from a boundary process."""
+
+    def __init__(self, proxy: BoundaryLogProxy) -> None:
+        self.proxy = proxy
+        self.parser = FrameParser()
+        self._stall: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.proxy.writers.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            frames = self.parser.feed(data)
+        except FrameError as e:
+            reason = "too_large" if "too large" in str(e) else "unsupported_tag"
+            self.proxy.rejected(reason, f"read frame error: {e}; closing the connection")
+            self._close()
+            return
+        for tag, payload in frames:
+            try:
+                message = _decode(tag, payload)
+            except MessageError as e:
+                self.proxy.rejected("undecodable", f"read message error: {e}")
+                continue
+            if isinstance(message, Logs):
+                self.proxy.accept(message)
+            elif isinstance(message, Status):
+                self.proxy.status(message)
+            else:
+                log.warn("unknown BoundaryMessage variant; ignored")
+        self._watchStall()
+
+    def _watchStall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        if self.parser.buffered:
+            self._stall = self.proxy.reactor.callLater(STALL_TIMEOUT, self._stalled)
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self.proxy.rejected(
+            "stalled",
+            f"a boundary writer left a frame unfinished for {STALL_TIMEOUT:g}s "
+            f"({self.parser.buffered} bytes); closing the connection",
+        )
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.proxy.writers.discard(self)
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+
+class BoundaryLogProxy(MultiService):
+    """Listens on the boundary socket and appends what arrives to ``spool``.
+
+    A path that cannot be bound is logged and the agent runs on without the
+    proxy, as upstream's does.  A stale socket file left by a previous run is
+    replaced; a socket another process still serves, or anything that is not
+    a socket, is left alone (and binding fails, with an error logged).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        spool: Spool,
+        metrics: AgentMetrics,
+        reactor: Any,
+        announce: Callable[[str], None] | None = None,
+    ) -> None:
+        """``announce(path)`` is called once the socket is listening (sessions learn it)."""
+        super().__init__()
+        self.path = path
+        self.announce = announce
+        self.spool = spool
+        self.metrics = metrics
+        self.reactor = reactor
+        self.writers: set[BoundaryWriter] = set()
+        self.listening = ListeningService(
+            reactor=reactor,
+            description=path,
+            factory=_Writers(self),
+            what="boundary log proxy",
+            required=False,
+            endpoint=UNIXServerEndpoint(reactor, path, mode=SOCKET_MODE),
+        )
+        self.listening.setServiceParent(self)
+
+    @property
+    def serving(self) -> bool:
+        return self.listening.port is not None
+
+    def privilegedStartService(self) -> None:
+        self._removeStale()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._removeStale()
+        super().startService()
+        if self.serving and self.announce is not None:
+            self.announce(self.path)
+
+    def stopService(self) -> Any:
+        # No frame may arrive once the spool is closing: stop reading every writer.
+        for writer in list(self.writers):
+            writer._close()
+        return super().stopService()
+
+    def _removeStale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError:
+            return  # binding will say what is wrong
+        if not stat.S_ISSOCK(st.st_mode) or self.listening.port is not None:
+            return
+        if _answers(self.path):
+            log.error(
+                "boundary log proxy: {path} is in use by another process; not replacing it",
+                path=self.path,
+            )
+            return
+        try:
+            os.unlink(self.path)
+        except OSError as e:
+            log.warn("cannot remove stale socket {path}: {error}", path=self.path, error=e)
+
+    # -- what writers deliver --------------------------------------------------------
+
+    def accept(self, logs: Logs) -> None:
+        count = len(logs.request.logs)
+        if not count:
+            return
+        try:
+            self.spool.append(sessionKey(logs), logs.encoded, count)
+        except RuntimeError:  # the spool closed under a frame still in flight at shutdown
+            log.error("boundary log proxy is shutting down: {n} logs not kept", n=count)
+            self.metrics.boundaryDropped("spool_unavailable", 1, count)
+
+    def status(self, status: Status) -> None:
+        if status.droppedChannelFull > 0:
+            self.metrics.boundaryDropped("boundary_channel_full", 0, status.droppedChannelFull)
+        if status.droppedBatchFull > 0:
+            self.metrics.boundaryDropped("boundary_batch_full", 0, status.droppedBatchFull)
+
+    def rejected(self, reason: str, message: str) -> None:
+        log.warn("boundary log proxy: {message}", message=message, reason=reason)
+        self.metrics.boundaryFramesRejected.labels(reason).inc()
+
+
+def _answers(path: str) -> bool:
+    """Whether something listens on the Unix socket ``path`` (a live one is not stale)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class _Writers(Factory):
+    noisy = False
+
+    def __init__(self, proxy: BoundaryLogProxy) -> None:
+        self.proxy = proxy
+
+    def buildProtocol(self, addr: IAddress | None) -> BoundaryWriter:
+        return BoundaryWriter(self.proxy)
