@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import globalLogPublisher
@@ -25,58 +25,11 @@ from zope.interface import implementer
 from coderagent.coderd.client import CoderdClient, CoderdUnavailable, retryDelay
 from coderagent.coderd.drpc import DRPCError
 from coderagent.coderd.lifecycle import Reporter
-from coderagent.devcoderd.server import DevAgentAPI, DevCoderdFactory, Workspace
+from coderagent.devcoderd.server import Workspace
 from coderagent.pb import agent_pb2
+from tests.localcoderd import TOKEN, Coderd
 
-TOKEN = "dev-token"
 TIMEOUT = 15
-
-
-class Coderd:
-    """coderd-dev's server side on an ephemeral port."""
-
-    def __init__(self, workspace: Workspace | None = None) -> None:
-        self.api = DevAgentAPI(workspace or Workspace())
-        self.factory = DevCoderdFactory(self.api, TOKEN, reactor)
-        self.port: Any = None
-        self.requests: list[Any] = []
-        accept = self.factory.accept
-
-        def recording(request: Any, peer: str) -> Any:
-            self.requests.append(request)
-            return accept(request, peer)
-
-        self.factory.accept = recording  # type: ignore[method-assign]
-        self.connections: list[Any] = []
-        build = self.factory.buildProtocol
-
-        def building(addr: Any) -> Any:
-            proto = build(addr)
-            self.connections.append(proto)
-            return proto
-
-        self.factory.buildProtocol = building  # type: ignore[method-assign]
-
-    async def start(self, port: int = 0) -> int:
-        self.port = await TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(
-            self.factory
-        )
-        return int(self.port.getHost().port)
-
-    async def stop(self) -> None:
-        """Stop listening and drop every connection, as a coderd that exits does."""
-        if self.port is not None:
-            await self.port.stopListening()
-            self.port = None
-        connections, self.connections = self.connections, []
-        for proto in connections:
-            if proto.transport is None:
-                continue
-            try:
-                proto.transport.abortConnection()
-            except AttributeError:
-                pass  # Twisted's TLS transport cannot abort once it is closed
-
 
 
 @pytest_twisted.async_yield_fixture

@@ -90,11 +90,14 @@ class FrameParser:
     """Splits a byte stream into ``(tag, payload)`` frames.
 
     Holds at most one header and one payload (32 KiB): what a writer sends
-    faster than frames complete costs it, not us.
+    faster than frames complete costs it, not us.  At a bad header it stops
+    for good: :attr:`error` says why, and the frames before it were returned.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        #: Why the stream cannot be read any further, once it cannot.
+        self.error: FrameError | None = None
 
     @property
     def buffered(self) -> int:
@@ -102,21 +105,26 @@ class FrameParser:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """The frames completed by ``data``; raises :class:`FrameError` at a bad header."""
+        """The frames completed by ``data``, up to a bad header if there is one."""
+        if self.error is not None:
+            return []
         buf = self._buf
         buf += data
-        frames = []
+        frames: list[tuple[int, bytes]] = []
         pos = 0
         end = len(buf)
         while end - pos >= HEADER_SIZE:
             (header,) = HEADER.unpack_from(buf, pos)
             tag, length = header >> 24, header & 0xFFFFFF
             if tag not in (TAG_V1, TAG_V2):
+                self.error = FrameError(f"unsupported tag: {tag}")
+            elif length > MAX_PAYLOAD:
+                self.error = FrameError(
+                    f"message too large: {length} bytes (at most {MAX_PAYLOAD})"
+                )
+            if self.error is not None:
                 del buf[:]
-                raise FrameError(f"unsupported tag: {tag}")
-            if length > MAX_PAYLOAD:
-                del buf[:]
-                raise FrameError(f"message too large: {length} bytes (at most {MAX_PAYLOAD})")
+                return frames
             if end - pos - HEADER_SIZE < length:
                 break
             start = pos + HEADER_SIZE

@@ -96,6 +96,16 @@ class Forwarder(Service):
         self._loop: Deferred[None] | None = None
         self._waiting: Deferred[Any] | None = None
         self._failing = False
+        self._drained: list[Deferred[None]] = []
+
+    def drained(self) -> Deferred[None]:
+        """Fires once coderd has everything accepted so far (nothing spooled, none in flight)."""
+        d: Deferred[None] = Deferred()
+        if self.spool.pendingRecords == 0:
+            d.callback(None)
+        else:
+            self._drained.append(d)
+        return d
 
     def startService(self) -> None:
         super().startService()
@@ -117,6 +127,10 @@ class Forwarder(Service):
             for payload, logs, done in requests(records):
                 await self._deliver(payload, logs, done)
             self.spool.ack(records)
+            if self.spool.pendingRecords == 0:
+                waiters, self._drained = self._drained, []
+                for d in waiters:
+                    d.callback(None)
 
     async def _deliver(self, payload: bytes, logs: int, records: list[Record]) -> None:
         attempt = rejections = 0

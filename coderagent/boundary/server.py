@@ -26,7 +26,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from coderagent.boundary.codec import FrameError, FrameParser, Logs, MessageError, Status
+from coderagent.boundary.codec import FrameParser, Logs, MessageError, Status
 from coderagent.boundary.codec import decodePayload as _decode
 from coderagent.boundary.spool import Spool
 from coderagent.listening import ListeningService
@@ -39,6 +39,9 @@ STALL_TIMEOUT = 30.0
 
 #: The socket's mode: only the agent's user (and root) may write audit logs.
 SOCKET_MODE = 0o600
+
+#: Connections waiting to be accepted (Go's listeners use the kernel's maximum).
+BACKLOG = 4096
 
 
 def sessionKey(logs: Logs) -> bytes:
@@ -59,14 +62,7 @@ class BoundaryWriter(Protocol):
         self.proxy.writers.add(self)
 
     def dataReceived(self, data: bytes) -> None:
-        try:
-            frames = self.parser.feed(data)
-        except FrameError as e:
-            reason = "too_large" if "too large" in str(e) else "unsupported_tag"
-            self.proxy.rejected(reason, f"read frame error: {e}; closing the connection")
-            self._close()
-            return
-        for tag, payload in frames:
+        for tag, payload in self.parser.feed(data):
             try:
                 message = _decode(tag, payload)
             except MessageError as e:
@@ -78,6 +74,12 @@ class BoundaryWriter(Protocol):
                 self.proxy.status(message)
             else:
                 log.warn("unknown BoundaryMessage variant; ignored")
+        error = self.parser.error
+        if error is not None:
+            reason = "too_large" if "too large" in str(error) else "unsupported_tag"
+            self.proxy.rejected(reason, f"read frame error: {error}; closing the connection")
+            self._close()
+            return
         self._watchStall()
 
     def _watchStall(self) -> None:
@@ -139,7 +141,7 @@ class BoundaryLogProxy(MultiService):
             factory=_Writers(self),
             what="boundary log proxy",
             required=False,
-            endpoint=UNIXServerEndpoint(reactor, path, mode=SOCKET_MODE),
+            endpoint=UNIXServerEndpoint(reactor, path, backlog=BACKLOG, mode=SOCKET_MODE),
         )
         self.listening.setServiceParent(self)
 

@@ -64,7 +64,7 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_COMMIT_INTERVAL = 0.05
 DEFAULT_MEMORY_BYTES = 16 * 1024 * 1024
 MAX_SEGMENT_BYTES = 8 * 1024 * 1024
-MIN_SEGMENT_BYTES = 64 * 1024
+MIN_SEGMENT_BYTES = 8 * 1024
 
 DropCallback = Callable[[str, int, int], None]
 
@@ -657,9 +657,7 @@ class Spool:
         def done(result: object) -> None:
             self._syncing = None
             if isinstance(result, Failure):
-                log.warn(
-                    "boundary spool: fsync failed: {error}", error=result.getErrorMessage()
-                )
+                log.warn("boundary spool: fsync failed: {error}", error=result.getErrorMessage())
 
         threads = self.reactor.getThreadPool()
         d: Deferred[None] = deferToThreadPool(self.reactor, threads, work)

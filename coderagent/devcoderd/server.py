@@ -228,6 +228,8 @@ class DevAgentAPI:
         self.stats: list[agent_pb2.Stats] = []
         self.logs: list[agent_pb2.Log] = []
         self.boundaryLogs = 0
+        #: Every ReportBoundaryLogs request accepted, in order (for tests and inspection).
+        self.boundaryRequests: list[agent_pb2.ReportBoundaryLogsRequest] = []
         self._waiters: list[tuple[Callable[[DevAgentAPI], bool], Deferred[None]]] = []
         self.handlers: dict[str, Handler] = {}
         for name, method in (
@@ -315,6 +317,7 @@ class DevAgentAPI:
             limit = MAX_BOUNDARY_LOGS_PER_BATCH
             raise DRPCError(0, f"batch size {count} exceeds maximum of {limit}")
         received = self.clock()
+        self.boundaryRequests.append(request)
         lines = []
         for entry in request.logs:
             if entry.WhichOneof("resource") != "http_request":

@@ -1,0 +1,61 @@
+"""coderd-dev's server side in the test's own reactor, on an ephemeral port."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from coderagent.devcoderd.server import DevAgentAPI, DevCoderdFactory, Workspace
+
+TOKEN = "dev-token"
+
+
+class Coderd:
+    """coderd-dev's server side on an ephemeral port."""
+
+    def __init__(self, workspace: Workspace | None = None) -> None:
+        #: coderd's boundary_request lines, as they would reach its stderr.
+        self.lines = io.StringIO()
+        self.api = DevAgentAPI(workspace or Workspace(), out=self.lines)
+        self.factory = DevCoderdFactory(self.api, TOKEN, reactor)
+        self.port: Any = None
+        self.requests: list[Any] = []
+        accept = self.factory.accept
+
+        def recording(request: Any, peer: str) -> Any:
+            self.requests.append(request)
+            return accept(request, peer)
+
+        self.factory.accept = recording  # type: ignore[method-assign]
+        self.connections: list[Any] = []
+        build = self.factory.buildProtocol
+
+        def building(addr: Any) -> Any:
+            proto = build(addr)
+            self.connections.append(proto)
+            return proto
+
+        self.factory.buildProtocol = building  # type: ignore[method-assign]
+
+    async def start(self, port: int = 0) -> int:
+        self.port = await TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(
+            self.factory
+        )
+        return int(self.port.getHost().port)
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection, as a coderd that exits does."""
+        if self.port is not None:
+            await self.port.stopListening()
+            self.port = None
+        connections, self.connections = self.connections, []
+        for proto in connections:
+            if proto.transport is None:
+                continue
+            try:
+                proto.transport.abortConnection()
+            except AttributeError:
+                pass  # Twisted's TLS transport cannot abort once it is closed
