@@ -221,3 +221,18 @@ def test_an_unreadable_acked_file_means_resending_not_losing(tmp_path: Path) -> 
     s.close()
     (tmp_path / "acked").write_text("not a number")
     assert drain(spool(tmp_path)) == sent
+
+
+def test_a_batch_on_its_way_is_not_counted_as_dropped(tmp_path: Path) -> None:
+    drops: list[tuple[str, int, int]] = []
+    s = spool(tmp_path, maxBytes=64 * 1024, onDrop=lambda *d: drops.append(d))
+    fill(s, 10)
+    onItsWay = s.take(maxLogs=30, maxBytes=1 << 20)  # 3 batches, sent but not acknowledged
+    sent = fill(s, 2000, start=10)
+    dropped = sum(b for _, b, _ in drops)
+    s.ack(onItsWay)  # coderd had them after all
+    delivered = drain(s)
+    assert len(onItsWay) + dropped + len(delivered) == 2010
+    assert delivered == sent[-len(delivered) :]
+    assert (s.pendingRecords, s.pendingLogs, s.pendingBytes) == (0, 0, 0)
+    s.close()

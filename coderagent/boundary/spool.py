@@ -217,6 +217,8 @@ class Spool:
         self._ackedOnDisk = 0
         #: The last record handed out by take (acknowledged or not).
         self._taken = 0
+        #: Records taken and not yet acknowledged, oldest first.
+        self._inFlight: deque[Record] = deque()
         self._nextSeq = 1
         self._commitCall: IDelayedCall | None = None
         self._syncing: Deferred[None] | None = None
@@ -443,11 +445,17 @@ class Spool:
 
     def _dropHead(self) -> None:
         head = self._segments.popleft()
+        self.pendingRecords -= head.records - head.ackedRecords
+        self.pendingLogs -= head.logs - head.ackedLogs
+        self.pendingBytes -= head.bytes - head.ackedBytes
         batches = head.records - head.ackedRecords
         logs = head.logs - head.ackedLogs
-        self.pendingRecords -= batches
-        self.pendingLogs -= logs
-        self.pendingBytes -= head.bytes - head.ackedBytes
+        # Records already taken are on their way to coderd: not counted as
+        # dropped (their acknowledgement, when it comes, is then ignored).
+        for record in self._inFlight:
+            if head.firstSeq <= record.seq <= head.lastSeq:
+                batches -= 1
+                logs -= record.logs
         self._acked = max(self._acked, head.lastSeq)
         if self._reader is not None and self._reader.segment is head:
             self._closeReader()
@@ -484,6 +492,7 @@ class Spool:
             out.append(record)
             logs += record.logs
             size += record.size
+        self._inFlight.extend(out)
         return out
 
     def available(self) -> Deferred[None]:
@@ -594,6 +603,9 @@ class Spool:
 
     def ack(self, records: list[Record]) -> None:
         """``records`` (taken, in order) reached coderd: forget them."""
+        done = {record.seq for record in records}
+        while self._inFlight and self._inFlight[0].seq in done:
+            self._inFlight.popleft()
         for record in records:
             if record.seq <= self._acked:
                 continue  # dropped while it was on its way
