@@ -170,3 +170,23 @@ def test_the_upgrade_is_checked_like_coderd(
         assert not isinstance(result, tuple)
     else:
         assert result == verdict
+
+
+def test_the_fast_batch_formatter_says_exactly_what_the_field_list_says() -> None:
+    from coderagent.devcoderd.server import boundaryLines
+
+    request = agent_pb2.ReportBoundaryLogsRequest(session_id="has space", confined_process_name="c")
+    request.logs.append(
+        _log(True, 1767366245, 120000000, method="GET", url="https://x/a b", matched_rule="*")
+    )
+    request.logs.append(_log(False, method="DELETE", url='https://x/"q"'))
+    request.logs.append(_log(True, 1767366245, 0, method="", url="", matched_rule=""))
+    request.logs.append(agent_pb2.BoundaryLog(allowed=True))  # no http_request: skipped
+    w = workspace()
+    lines = boundaryLines(w, request, 1767366300.5)
+    fields = [
+        formatFields("boundary_request", boundaryFields(w, request, entry, 1767366300.5))
+        for entry in list(request.logs)[:3]
+    ]
+    assert [line.split("coderd.agentrpc: ", 1)[1] for line in lines] == [f + "\n" for f in fields]
+    assert all(line.startswith(lines[0].split("coderd")[0]) for line in lines)
