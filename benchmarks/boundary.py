@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         (
             "one log, write to coderd's line: median / p90 / max ms",
-            f"{result['latency_median_ms']} / {result['latency_p90_ms']} / {result['latency_max_ms']}",
+            " / ".join(
+                str(result[k]) for k in ("latency_median_ms", "latency_p90_ms", "latency_max_ms")
+            ),
             "",
             "",
         ),

@@ -219,6 +219,8 @@ class Spool:
         self._taken = 0
         #: Records taken and not yet acknowledged, oldest first.
         self._inFlight: deque[Record] = deque()
+        #: Of those, the ones whose segment was dropped meanwhile.
+        self._orphans: set[int] = set()
         self._nextSeq = 1
         self._commitCall: IDelayedCall | None = None
         self._syncing: Deferred[None] | None = None
@@ -445,17 +447,20 @@ class Spool:
 
     def _dropHead(self) -> None:
         head = self._segments.popleft()
-        self.pendingRecords -= head.records - head.ackedRecords
-        self.pendingLogs -= head.logs - head.ackedLogs
-        self.pendingBytes -= head.bytes - head.ackedBytes
         batches = head.records - head.ackedRecords
         logs = head.logs - head.ackedLogs
-        # Records already taken are on their way to coderd: not counted as
-        # dropped (their acknowledgement, when it comes, is then ignored).
+        size = head.bytes - head.ackedBytes
+        # Records already taken are on their way to coderd: not dropped, and
+        # still pending until their acknowledgement comes.
         for record in self._inFlight:
             if head.firstSeq <= record.seq <= head.lastSeq:
                 batches -= 1
                 logs -= record.logs
+                size -= record.size
+                self._orphans.add(record.seq)
+        self.pendingRecords -= batches
+        self.pendingLogs -= logs
+        self.pendingBytes -= size
         self._acked = max(self._acked, head.lastSeq)
         if self._reader is not None and self._reader.segment is head:
             self._closeReader()
@@ -607,6 +612,12 @@ class Spool:
         while self._inFlight and self._inFlight[0].seq in done:
             self._inFlight.popleft()
         for record in records:
+            if record.seq in self._orphans:  # its segment is gone, it was not
+                self._orphans.discard(record.seq)
+                self.pendingRecords -= 1
+                self.pendingLogs -= record.logs
+                self.pendingBytes -= record.size
+                continue
             if record.seq <= self._acked:
                 continue  # dropped while it was on its way
             self._acked = record.seq
