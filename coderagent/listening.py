@@ -9,11 +9,12 @@ address is logged, which is also how tests learn an ephemeral port.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,11 +46,15 @@ class ListeningService(Service):
         what: str,
         required: bool,
         endpoint: IStreamServerEndpoint | None = None,
+        drain: Callable[[], Deferred[None]] | None = None,
     ) -> None:
         """``endpoint``, if given, is listened on instead of parsing ``description``
-        (which then only names it in log lines)."""
+        (which then only names it in log lines).  ``drain``, if given, runs when
+        the service stops, once the port no longer accepts: what it returns is
+        waited for (an orderly goodbye to the connections already made)."""
         self.reactor = reactor
         self.endpoint = endpoint
+        self.drain = drain
         self.description = description
         self.factory = factory
         self.what = what
@@ -94,6 +99,12 @@ class ListeningService(Service):
         super().stopService()
         self._attempted = False
         port, self.port = self.port, None
+        stopped: Deferred[Any] | None = None
         if port is not None:
-            return port.stopListening()
-        return None
+            stopped = maybeDeferred(port.stopListening)
+        if self.drain is None:
+            return stopped
+        drain = self.drain
+        if stopped is None:
+            return drain()
+        return stopped.addCallback(lambda _: drain())

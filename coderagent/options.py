@@ -411,6 +411,8 @@ _TMP = tempfile.gettempdir()
 _IGNORED = "Accepted for compatibility and ignored by this agent."
 _HOST_KEY_SUBDIR = "coder-agent-ssh-host-keys"
 _SPOOL_SUBDIR = "coder-agent-boundary-spool"
+#: Where the control socket is when --socket-path is not given.
+DEFAULT_SOCKET_PATH = os.path.join(_TMP, "coder-agent.sock")
 
 #: Every option of ``twistd coder-agent``, upstream's first, then ours.
 OPTIONS: tuple[OptionSpec, ...] = (
@@ -565,9 +567,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "socket-path",
         "CODER_AGENT_SOCKET_PATH",
-        "",
+        DEFAULT_SOCKET_PATH,
         TEXT,
-        "Path of the agent's local control socket.",
+        "Path of the agent's local control socket (ask it with: coder-agent status).",
     ),
     OptionSpec(
         "boundary-log-proxy-socket-path",

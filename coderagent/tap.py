@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.logger import Logger
 
 from coderagent.boundary.forwarder import Forwarder
@@ -21,12 +22,24 @@ from coderagent.boundary.spool import Spool
 from coderagent.coderd.client import CoderdClient
 from coderagent.coderd.credentials import CredentialsError, resolveCredentials
 from coderagent.coderd.lifecycle import Reporter, sessionVariables
+from coderagent.control.server import SOCKET_MODE as CONTROL_SOCKET_MODE
+from coderagent.control.server import ControlFactory
 from coderagent.listening import ListeningService
+from coderagent.observe.debug import debugSite, isLoopback, profilingSite
 from coderagent.observe.http import metricsSite, strportsFor
-from coderagent.observe.logs import LoggingRoot, agentLogObserver, openSink
+from coderagent.observe.logs import (
+    LoggingRoot,
+    RecentLines,
+    agentLogObserver,
+    openSink,
+    rotatingLogFile,
+)
 from coderagent.observe.metrics import AgentMetrics
+from coderagent.observe.status import AgentStatus
 from coderagent.options import Options
 from coderagent.policy import Policy
+from coderagent.reaper import Reaper
+from coderagent.signals import GracefulSignals
 from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
 from coderagent.ssh.environment import UserInfo
@@ -34,6 +47,7 @@ from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
 from coderagent.ssh.session import SessionContext
 from coderagent.ssh.sftp import AgentSFTPServer
+from coderagent.unixsocket import removeStaleSocket
 
 __all__ = ["Options", "makeService"]
 
@@ -105,41 +119,26 @@ def makeService(
         portal=makePortal(AgentRealm(context), options["ssh-authorized-keys"]),
         hostKeys=hostKeys,
         reactor=reactor,
+        metrics=metrics,
     )
 
-    logPath = options["log-human"]
-    top = LoggingRoot(agentLogObserver(openSink(logPath)) if logPath else None)
+    recent = RecentLines()
+    top = LoggingRoot(_logObserver(options, recent))
+    status = AgentStatus(clock=reactor.seconds)
     StartupReport(_ignored(options)).setServiceParent(top)
+    GracefulSignals(reactor).setServiceParent(top)
     ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
         factory=factory,
         what="SSH server",
         required=True,
+        drain=factory.shutdown,
     ).setServiceParent(top)
-    spool = Spool(
-        options["boundary-log-spool-dir"],
-        reactor=reactor,
-        maxBytes=options["boundary-log-spool-max-bytes"],
-        commitInterval=options["boundary-log-commit-interval"],
-        onDrop=metrics.boundaryDropped,
-    )
-    spool.open()
-    metrics.watchSpool(
-        lambda: spool.pendingRecords, lambda: spool.pendingLogs, lambda: spool.pendingBytes
-    )
-    socketPath = options["boundary-log-proxy-socket-path"]
-    if socketPath:
-        BoundaryLogProxy(
-            path=socketPath,
-            spool=spool,
-            metrics=metrics,
-            reactor=reactor,
-            announce=lambda path: context.overrides.update(CODER_BOUNDARY_LOG_SOCKET=path),
-        ).setServiceParent(top)
-    else:
-        log.warn("boundary log proxy socket path not defined; not starting proxy")
+    status.add("ssh", lambda: {"connections": len(factory.connections)})
+    Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
 
+    spool = _boundaryProxy(options, reactor, metrics, context, status, top)
     coderd = CoderdClient(
         url=credentials.url,
         token=credentials.token,
@@ -153,16 +152,139 @@ def makeService(
     reporter.setServiceParent(coderd)
     Forwarder(spool=spool, client=coderd, metrics=metrics, clock=reactor).setServiceParent(coderd)
     coderd.setServiceParent(top)
+    status.add(
+        "coderd",
+        lambda: {
+            "url": coderd.target.url,
+            "connected": coderd.connected,
+            "lifecycle": reporter.reportedState,
+        },
+    )
 
-    if options["prometheus-address"]:
+    servers = (
+        ("prometheus-address", "Prometheus metrics", lambda: metricsSite(metrics)),
+        (
+            "debug-address",
+            "debug server",
+            lambda: debugSite(
+                status=status,
+                manifest=lambda: reporter.manifest,
+                connections=factory.describeConnections,
+                recent=recent,
+            ),
+        ),
+        ("pprof-address", "profiling server", lambda: profilingSite(reactor)),
+    )
+    for option, what, site in servers:
+        address = options[option]
+        if not address:
+            continue
+        if option == "pprof-address" and not isLoopback(address):
+            log.error("not serving profiling data on {address}: loopback only", address=address)
+            continue
         ListeningService(
             reactor=reactor,
-            description=strportsFor(options["prometheus-address"]),
-            factory=metricsSite(metrics),
-            what="Prometheus metrics",
+            description=strportsFor(address),
+            factory=site(),
+            what=what,
             required=False,
         ).setServiceParent(top)
+    if options["socket-server-enabled"]:
+        _ControlSocket(options["socket-path"], reactor, status).setServiceParent(top)
     return top
+
+
+def _boundaryProxy(
+    options: Mapping[str, Any],
+    reactor: Any,
+    metrics: AgentMetrics,
+    context: SessionContext,
+    status: AgentStatus,
+    top: MultiService,
+) -> Spool:
+    """The spool, and the socket that fills it (the forwarder empties it)."""
+    spool = Spool(
+        options["boundary-log-spool-dir"],
+        reactor=reactor,
+        maxBytes=options["boundary-log-spool-max-bytes"],
+        commitInterval=options["boundary-log-commit-interval"],
+        onDrop=metrics.boundaryDropped,
+    )
+    spool.open()
+    metrics.watchSpool(
+        lambda: spool.pendingRecords, lambda: spool.pendingLogs, lambda: spool.pendingBytes
+    )
+    socketPath = options["boundary-log-proxy-socket-path"]
+    proxy: BoundaryLogProxy | None = None
+    if socketPath:
+        proxy = BoundaryLogProxy(
+            path=socketPath,
+            spool=spool,
+            metrics=metrics,
+            reactor=reactor,
+            announce=lambda path: context.overrides.update(CODER_BOUNDARY_LOG_SOCKET=path),
+        )
+        proxy.setServiceParent(top)
+    else:
+        log.warn("boundary log proxy socket path not defined; not starting proxy")
+    status.add(
+        "boundary",
+        lambda: {
+            "socket": socketPath or None,
+            "serving": bool(proxy and proxy.serving),
+            "spooled_batches": spool.pendingRecords,
+            "spooled_logs": spool.pendingLogs,
+            "spooled_bytes": spool.pendingBytes,
+        },
+    )
+    return spool
+
+
+class _ControlSocket(ListeningService):
+    """The control socket, replacing a stale socket file first."""
+
+    def __init__(self, path: str, reactor: Any, status: AgentStatus) -> None:
+        super().__init__(
+            reactor=reactor,
+            description=path,
+            factory=ControlFactory(status),
+            what="control socket",
+            required=False,
+            endpoint=UNIXServerEndpoint(reactor, path, mode=CONTROL_SOCKET_MODE),
+        )
+        self.path = path
+
+    def privilegedStartService(self) -> None:
+        if self.port is None:
+            removeStaleSocket(self.path, "control socket")
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:
+            removeStaleSocket(self.path, "control socket")
+        super().startService()
+
+
+def _logObserver(options: Mapping[str, Any], recent: RecentLines) -> Any:
+    """Every log sink the options ask for; one that cannot be opened stops start-up."""
+    sinks: dict[str, Any] = {}
+    for option, name in (
+        ("log-human", "human"),
+        ("log-json", "jsonOut"),
+        ("log-stackdriver", "stackdriver"),
+    ):
+        path = options[option]
+        if not path:
+            continue
+        try:
+            sinks[name] = openSink(path)
+        except OSError as e:
+            raise _fail(f"--{option}: cannot open {path}: {e.strerror}") from e
+    try:
+        logFile = rotatingLogFile(options["log-dir"])
+    except OSError as e:
+        raise _fail(f"--log-dir: cannot write {options['log-dir']}: {e.strerror}") from e
+    return agentLogObserver(**sinks, logFile=logFile, recent=recent)
 
 
 def _ignored(options: Mapping[str, Any]) -> list[str]:

@@ -204,8 +204,10 @@ def spawnCoderd(workdir: Path, token: str, port: int = 0, extra: Sequence[str] =
 
 
 @contextmanager
-def runningCoderd(workdir: Path, token: str = "test-token", port: int = 0) -> Iterator[Coderd]:
-    coderd = spawnCoderd(workdir, token, port)
+def runningCoderd(
+    workdir: Path, token: str = "test-token", port: int = 0, extra: Sequence[str] = ()
+) -> Iterator[Coderd]:
+    coderd = spawnCoderd(workdir, token, port, extra)
     try:
         yield coderd
     finally:
@@ -239,9 +241,12 @@ def agentEnvironment(home: Path, extra: Mapping[str, str] | None = None) -> dict
     return env
 
 
-def spawnAgent(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[str]:
+def spawnAgent(
+    args: Sequence[str], env: Mapping[str, str], prefix: Sequence[str] = ()
+) -> subprocess.Popen[str]:
+    """``prefix`` runs the agent under another command (``unshare …``)."""
     return subprocess.Popen(
-        [*twistdCommand(), "-n", "--pidfile=", "coder-agent", *args],
+        [*prefix, *twistdCommand(), "-n", "--pidfile=", "coder-agent", *args],
         env=dict(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

@@ -76,7 +76,7 @@ def test_defaults_are_typed() -> None:
     assert options["devcontainers-project-discovery-enable"] is True
     assert options["devcontainers-discovery-autostart-enable"] is False
     assert options["socket-server-enabled"] is False
-    assert options["socket-path"] == ""
+    assert options["socket-path"] == os.path.join(TMP, "coder-agent.sock")
     assert options["boundary-log-proxy-socket-path"] == os.path.join(TMP, "boundary-audit.sock")
     assert options["auth"] == "token"
     assert options["agent-token"] == ""

@@ -13,9 +13,6 @@ Each is logged and counted in ``agent_boundary_log_proxy_frames_rejected_total``
 
 from __future__ import annotations
 
-import os
-import socket
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +28,7 @@ from coderagent.boundary.codec import decodePayload as _decode
 from coderagent.boundary.spool import Spool
 from coderagent.listening import ListeningService
 from coderagent.observe.metrics import AgentMetrics
+from coderagent.unixsocket import removeStaleSocket
 
 log = Logger()
 
@@ -166,24 +164,8 @@ class BoundaryLogProxy(MultiService):
         return super().stopService()
 
     def _removeStale(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        except OSError:
-            return  # binding will say what is wrong
-        if not stat.S_ISSOCK(st.st_mode) or self.listening.port is not None:
-            return
-        if _answers(self.path):
-            log.error(
-                "boundary log proxy: {path} is in use by another process; not replacing it",
-                path=self.path,
-            )
-            return
-        try:
-            os.unlink(self.path)
-        except OSError as e:
-            log.warn("cannot remove stale socket {path}: {error}", path=self.path, error=e)
+        if self.listening.port is None:
+            removeStaleSocket(self.path, "boundary log proxy")
 
     # -- what writers deliver --------------------------------------------------------
 
@@ -206,19 +188,6 @@ class BoundaryLogProxy(MultiService):
     def rejected(self, reason: str, message: str) -> None:
         log.warn("boundary log proxy: {message}", message=message, reason=reason)
         self.metrics.boundaryFramesRejected.labels(reason).inc()
-
-
-def _answers(path: str) -> bool:
-    """Whether something listens on the Unix socket ``path`` (a live one is not stale)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 class _Writers(Factory):

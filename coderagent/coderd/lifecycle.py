@@ -81,6 +81,8 @@ class Reporter(Service):
         self._waiters: list[Deferred[None]] = []
         self._startupSent = False
         self._started = False
+        #: The last lifecycle state coderd acknowledged (a ``Lifecycle.State`` name).
+        self.reportedState = "CREATED"
 
     def onManifest(self, listener: Callable[[agent_pb2.Manifest], None]) -> None:
         """Call ``listener`` with each manifest received (and the current one, if any)."""
@@ -194,6 +196,7 @@ class Reporter(Service):
 
         def reported(_: object, head: agent_pb2.Lifecycle) -> None:
             self._pending.popleft()
+            self.reportedState = State.Name(head.state)
             log.info("lifecycle reported to coderd: {state}", state=State.Name(head.state))
             sendHead()
 

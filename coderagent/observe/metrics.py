@@ -24,6 +24,9 @@ from prometheus_client import (
 FORWARD_DIRECTIONS = ("local", "reverse")
 FORWARD_TRANSPORTS = ("tcp", "unix")
 
+#: ``magic_type`` values of the session metrics (upstream's).
+SESSION_TYPES = ("ssh", "vscode", "jetbrains", "unknown")
+
 #: ``reason`` values of the boundary drop counters: upstream's, then ours.
 BOUNDARY_BATCH_DROP_REASONS = (
     "buffer_full",
@@ -59,6 +62,41 @@ class AgentMetrics:
             for transport in FORWARD_TRANSPORTS:
                 self.forwardingRefusedTotal.labels(direction, transport)
 
+        self.sshFailedConnections = Counter(
+            "agent_ssh_server_failed_connections",
+            "SSH connections that ended before authenticating (handshake or auth failed).",
+            registry=self.registry,
+        )
+        self.sftpConnections = Counter(
+            "agent_ssh_server_sftp_connections",
+            "SFTP sessions started.",
+            registry=self.registry,
+        )
+        self.sftpErrors = Counter(
+            "agent_ssh_server_sftp_server_errors",
+            "SFTP sessions that ended with an error.",
+            registry=self.registry,
+        )
+        self.sessions = Counter(
+            "agent_sessions",
+            "SSH sessions started, by session type and whether they have a terminal.",
+            ["magic_type", "pty"],
+            registry=self.registry,
+        )
+        self.sessionErrors = Counter(
+            "agent_sessions_errors",
+            "SSH sessions that failed, by session type, terminal and what failed.",
+            ["magic_type", "pty", "error_type"],
+            registry=self.registry,
+        )
+        self.fileTransfersBlocked = Counter(
+            "agent_ssh_file_transfers_blocked",
+            "File transfers refused by --block-file-transfer, by kind (exec or sftp).",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in ("exec", "sftp"):
+            self.fileTransfersBlocked.labels(kind)
         self.boundaryBatchesForwarded = Counter(
             "agent_boundary_log_proxy_batches_forwarded",
             "Boundary log batches delivered to coderd.",
@@ -97,6 +135,14 @@ class AgentMetrics:
             for name in ("batches", "logs", "bytes")
         }
 
+    def sessionStarted(self, sessionType: str, pty: bool) -> None:
+        self.sessions.labels(_sessionType(sessionType), "yes" if pty else "no").inc()
+
+    def sessionFailed(self, sessionType: str, pty: bool, errorType: str) -> None:
+        self.sessionErrors.labels(
+            _sessionType(sessionType), "yes" if pty else "no", errorType
+        ).inc()
+
     def boundaryDropped(self, reason: str, batches: int, logs: int) -> None:
         """Count batches (and their logs) the boundary proxy had to drop."""
         if batches:
@@ -124,3 +170,7 @@ class AgentMetrics:
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def _sessionType(name: str) -> str:
+    return name if name in SESSION_TYPES else "unknown"

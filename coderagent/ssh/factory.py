@@ -16,11 +16,13 @@ from typing import Any
 from twisted.conch.ssh import common, connection, factory, transport
 from twisted.conch.ssh.common import getNS
 from twisted.internet import protocol
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderagent.observe.metrics import AgentMetrics
 from coderagent.ssh.auth import AgentUserAuthServer
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 from coderagent.ssh.packets import Chunk, Opener, PacketError, Sealer
@@ -51,6 +53,9 @@ _CHANNEL_DATA_HEAD = struct.Struct(">2L")
 #: Below this, upstream treats --ssh-max-timeout as an absolute deadline.
 KEEPALIVE_THRESHOLD = 3.0
 KEEPALIVE_COUNT_MAX = 3
+
+#: How long a graceful shutdown waits for SSH clients to go after telling them.
+SHUTDOWN_GRACE = 3.0
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,14 @@ class AgentServerTransport(transport.SSHServerTransport):
     _deadline: IDelayedCall | None = None
     _sealer: Sealer | None = None
     _opener: Opener | None = None
+    _authenticated = False
+    #: When the connection was made (for the debug server).
+    since = 0.0
 
     def connectionMade(self) -> None:
         self._rbuf = bytearray()
+        self.factory.connections.add(self)
+        self.since = self.factory.reactor.seconds()
         tcp: Any = self.transport
         if hasattr(tcp, "setTcpNoDelay"):
             # Replies are small and latency-bound (exit-status, EOF, CLOSE
@@ -133,9 +143,11 @@ class AgentServerTransport(transport.SSHServerTransport):
 
     def setService(self, service: Any) -> None:
         super().setService(service)
-        if service.name == b"ssh-connection" and self._graceTimer is not None:
-            self._graceTimer.cancel()
-            self._graceTimer = None
+        if service.name == b"ssh-connection":
+            self._authenticated = True
+            if self._graceTimer is not None:
+                self._graceTimer.cancel()
+                self._graceTimer = None
 
     # -- the packet path: see coderagent.ssh.packets -------------------------
 
@@ -239,6 +251,11 @@ class AgentServerTransport(transport.SSHServerTransport):
         )
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.connections.discard(self)
+        if not self.factory.connections:
+            self.factory._drain()
+        if not self._authenticated and self.factory.metrics is not None:
+            self.factory.metrics.sshFailedConnections.inc()
         for timer in (self._graceTimer, self._deadline):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -365,13 +382,89 @@ class AgentSSHFactory(factory.SSHFactory):
         portal: Any,
         hostKeys: dict[bytes, Any],
         reactor: IReactorTime,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
+        #: Live connections (for the debug server and a graceful shutdown).
+        self.connections: set[AgentServerTransport] = set()
+        self._drained: list[Deferred[None]] = []
         self.portal = portal
         self.privateKeys = hostKeys
         self.publicKeys = {kind: key.public() for kind, key in hostKeys.items()}
         self.reactor = reactor
         self.primes = None
+
+    def describeConnections(self) -> list[dict[str, Any]]:
+        """Every live connection: who, since when, its channels and forwards."""
+        out = []
+        for t in list(self.connections):
+            peer = t.transport.getPeer() if t.transport is not None else None
+            service = t.service
+            channels = []
+            for chan in getattr(service, "channels", {}).values():
+                channels.append(
+                    {
+                        "id": chan.id,
+                        "type": (chan.name or b"?").decode("ascii", "replace"),
+                        **{
+                            k: v
+                            for k, v in (
+                                ("command", getattr(chan, "command", None)),
+                                ("pty", getattr(chan, "pty", None) is not None),
+                            )
+                            if v is not None
+                        },
+                    }
+                )
+            avatar = getattr(t, "avatar", None)
+            forwards = getattr(avatar, "forwards", None)
+            out.append(
+                {
+                    "peer": f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+                    "user": getattr(avatar, "username", None),
+                    "authenticated": t._authenticated,
+                    "connected_seconds": round(self.reactor.seconds() - t.since, 3),
+                    "client": (t.otherVersionString or b"").decode("ascii", "replace"),
+                    "channels": channels,
+                    "forwards": sorted(
+                        listener.description
+                        for listener in getattr(forwards, "listeners", {}).values()
+                    ),
+                }
+            )
+        return out
+
+    def shutdown(self, timeout: float = SHUTDOWN_GRACE) -> Deferred[None]:
+        """Tell every client the agent is going away; fires once they are gone (or ``timeout``)."""
+        done: Deferred[None] = Deferred()
+        if not self.connections:
+            done.callback(None)
+            return done
+        for t in list(self.connections):
+            t.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"the agent is shutting down")
+        self._drained.append(done)
+        timer = self.reactor.callLater(timeout, self._drain, True)
+
+        def settled(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return done.addBoth(settled)
+
+    def _drain(self, force: bool = False) -> None:
+        if self.connections and not force:
+            return
+        if force:
+            for t in list(self.connections):
+                tcp: Any = t.transport
+                if tcp is not None:
+                    tcp.abortConnection()
+        waiters, self._drained = self._drained, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
 
     def buildProtocol(self, addr: Any) -> AgentServerTransport:
         # Skip SSHFactory.buildProtocol: it logs a line per connection when

@@ -270,6 +270,7 @@ class SessionChannel(channel.SSHChannel):
         if self._started or name != "sftp" or self.context.sftpServer is None:
             return 0
         self._started = True
+        self._counted(lambda m: m.sessionStarted(self.sessionType, self.pty is not None))
         decision = self.context.policy.allowSubsystem(name)
         if not decision.allowed:
             log.warn(
@@ -278,9 +279,11 @@ class SessionChannel(channel.SSHChannel):
                 subsystem=name,
                 peer=self._peerText(),
             )
+            self._counted(lambda m: m.fileTransfersBlocked.labels("sftp").inc())
             # Nothing is written: sftp would report a garbage packet length.
             self._afterReply(lambda: self.finish(FILE_TRANSFER_BLOCKED_EXIT_STATUS))
             return 1
+        self._counted(lambda m: m.sftpConnections.inc())
         self.sftp = self.context.sftpServer(self.context.user.home)
         server = FileTransferServer(avatar=self.sftp)
         self.subsystem = server
@@ -315,6 +318,10 @@ class SessionChannel(channel.SSHChannel):
         """Run ``f`` once the reply to the current request has been sent."""
         self.context.reactor.callLater(0, f)
 
+    def _counted(self, count: Callable[[AgentMetrics], None]) -> None:
+        if self.context.metrics is not None:
+            count(self.context.metrics)
+
     def _peerText(self) -> str:
         peer = self.conn.transport.transport.getPeer()
         return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
@@ -324,8 +331,10 @@ class SessionChannel(channel.SSHChannel):
             return 0
         self._started = True
         self.command = command
+        self._counted(lambda m: m.sessionStarted(self.sessionType, self.pty is not None))
         decision = self.context.policy.allowCommand(command)
         if not decision.allowed:
+            self._counted(lambda m: m.fileTransfersBlocked.labels("exec").inc())
             log.warn(
                 "{reason}: command {command!r} refused for {peer}",
                 reason=decision.reason,
@@ -343,6 +352,9 @@ class SessionChannel(channel.SSHChannel):
             self._spawn(command)
         except (OSError, ConchError) as e:
             log.error("cannot start session command: {error}", error=e)
+            self._counted(
+                lambda m: m.sessionFailed(self.sessionType, self.pty is not None, "start_command")
+            )
             message = f"coder-agent: cannot start {self.context.user.shell}: {e}\n"
 
             def fail() -> None:
@@ -431,7 +443,14 @@ class SessionChannel(channel.SSHChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if self.subsystem is not None:
-            self.subsystem.dataReceived(data)
+            try:
+                self.subsystem.dataReceived(data)
+            except Exception:
+                # A packet the SFTP server could not take: upstream's "sftp
+                # server error", exit status 1.
+                log.failure("SFTP session failed")
+                self._counted(lambda m: m.sftpErrors.inc())
+                self.finish(1)
         elif self.process is not None and not self._ended:
             self.process.write(data)
 

@@ -270,8 +270,15 @@ def waitForLine(
 
 def paramikoTransport(agent: Agent, key: Path) -> paramiko.Transport:
     transport = paramiko.Transport((agent.host, agent.port))
-    transport.start_client(timeout=TIMEOUT)
-    transport.auth_publickey("coder", paramiko.Ed25519Key.from_private_key_file(str(key)))
+    try:
+        transport.start_client(timeout=TIMEOUT)
+        transport.auth_publickey("coder", paramiko.Ed25519Key.from_private_key_file(str(key)))
+    except paramiko.SSHException as e:
+        # Say why: paramiko's own reason and the agent's side of the story.
+        raise AssertionError(
+            f"paramiko could not log in: {e!r} (transport: {transport.get_exception()!r}); "
+            f"agent log tail:\n{''.join(agent.log().splitlines(True)[-30:])}"
+        ) from e
     return transport
 
 
