@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_twisted
 
 from tests.agentproc import Agent, ClientKeys, runningAgent
+from tests.localcoderd import Coderd
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +32,12 @@ def blockingAgent(
         clientKeys, tmp_path_factory.mktemp("agent-block"), ["--block-file-transfer"]
     ) as running:
         yield running
+
+
+@pytest_twisted.async_yield_fixture
+async def coderd() -> AsyncIterator[Coderd]:
+    """coderd-dev's server side in the test's reactor, on an ephemeral port."""
+    server = Coderd()
+    await server.start()
+    yield server
+    await server.stop()

@@ -1,11 +1,14 @@
-"""coderd-dev's server side in the test's own reactor, on an ephemeral port."""
+"""coderd-dev's server side in the test's own reactor, on an ephemeral port.
+
+The reactor is imported where it is used: conftest imports this module, and
+pytest-twisted must install the reactor first.
+"""
 
 from __future__ import annotations
 
 import io
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
 from coderagent.devcoderd.server import DevAgentAPI, DevCoderdFactory, Workspace
@@ -20,6 +23,8 @@ class Coderd:
         #: coderd's boundary_request lines, as they would reach its stderr.
         self.lines = io.StringIO()
         self.api = DevAgentAPI(workspace or Workspace(), out=self.lines)
+        from twisted.internet import reactor
+
         self.factory = DevCoderdFactory(self.api, TOKEN, reactor)
         self.port: Any = None
         self.requests: list[Any] = []
@@ -41,6 +46,8 @@ class Coderd:
         self.factory.buildProtocol = building  # type: ignore[method-assign]
 
     async def start(self, port: int = 0) -> int:
+        from twisted.internet import reactor
+
         self.port = await TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(
             self.factory
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,14 +127,6 @@ async def startProxy(
     forwarder.setServiceParent(client)
     client.startService()
     return Proxy(path, spool, metrics, proxy, client, forwarder, coderd)
-
-
-@pytest_twisted.async_yield_fixture
-async def coderd() -> AsyncIterator[Coderd]:
-    server = Coderd()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 class Writer(Protocol):

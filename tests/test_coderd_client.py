@@ -10,7 +10,6 @@ stack runs end to end: upgrade, token, headers, calls, reconnects, timeouts.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -30,14 +29,6 @@ from coderagent.pb import agent_pb2
 from tests.localcoderd import TOKEN, Coderd
 
 TIMEOUT = 15
-
-
-@pytest_twisted.async_yield_fixture
-async def coderd() -> AsyncIterator[Coderd]:
-    server = Coderd()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def client(port: int, token: str = TOKEN, **kw: Any) -> CoderdClient:
