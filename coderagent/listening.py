@@ -47,14 +47,18 @@ class ListeningService(Service):
         required: bool,
         endpoint: IStreamServerEndpoint | None = None,
         drain: Callable[[], Deferred[None]] | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         """``endpoint``, if given, is listened on instead of parsing ``description``
         (which then only names it in log lines).  ``drain``, if given, runs when
         the service stops, once the port no longer accepts: what it returns is
-        waited for (an orderly goodbye to the connections already made)."""
+        waited for (an orderly goodbye to the connections already made).
+        ``prepare``, if given, runs just before binding (removing a stale
+        socket file, say)."""
         self.reactor = reactor
         self.endpoint = endpoint
         self.drain = drain
+        self.prepare = prepare
         self.description = description
         self.factory = factory
         self.what = what
@@ -74,6 +78,8 @@ class ListeningService(Service):
         if self._attempted:
             return
         self._attempted = True
+        if self.prepare is not None:
+            self.prepare()
         results: list[Any] = []
         endpoint = self.endpoint or endpoints.serverFromString(self.reactor, self.description)
         endpoint.listen(self.factory).addBoth(results.append)

@@ -190,7 +190,7 @@ def makeService(
             required=False,
         ).setServiceParent(top)
     if options["socket-server-enabled"]:
-        _ControlSocket(options["socket-path"], reactor, status).setServiceParent(top)
+        _controlSocket(options["socket-path"], reactor, status).setServiceParent(top)
     return top
 
 
@@ -240,29 +240,16 @@ def _boundaryProxy(
     return spool
 
 
-class _ControlSocket(ListeningService):
-    """The control socket, replacing a stale socket file first."""
-
-    def __init__(self, path: str, reactor: Any, status: AgentStatus) -> None:
-        super().__init__(
-            reactor=reactor,
-            description=path,
-            factory=ControlFactory(status),
-            what="control socket",
-            required=False,
-            endpoint=UNIXServerEndpoint(reactor, path, mode=CONTROL_SOCKET_MODE),
-        )
-        self.path = path
-
-    def privilegedStartService(self) -> None:
-        if self.port is None:
-            removeStaleSocket(self.path, "control socket")
-        super().privilegedStartService()
-
-    def startService(self) -> None:
-        if self.port is None:
-            removeStaleSocket(self.path, "control socket")
-        super().startService()
+def _controlSocket(path: str, reactor: Any, status: AgentStatus) -> ListeningService:
+    return ListeningService(
+        reactor=reactor,
+        description=path,
+        factory=ControlFactory(status),
+        what="control socket",
+        required=False,
+        endpoint=UNIXServerEndpoint(reactor, path, mode=CONTROL_SOCKET_MODE),
+        prepare=lambda: removeStaleSocket(path, "control socket"),
+    )
 
 
 def _logObserver(options: Mapping[str, Any], recent: RecentLines) -> Any:

@@ -140,6 +140,7 @@ class BoundaryLogProxy(MultiService):
             what="boundary log proxy",
             required=False,
             endpoint=UNIXServerEndpoint(reactor, path, backlog=BACKLOG, mode=SOCKET_MODE),
+            prepare=lambda: removeStaleSocket(path, "boundary log proxy"),
         )
         self.listening.setServiceParent(self)
 
@@ -147,12 +148,7 @@ class BoundaryLogProxy(MultiService):
     def serving(self) -> bool:
         return self.listening.port is not None
 
-    def privilegedStartService(self) -> None:
-        self._removeStale()
-        super().privilegedStartService()
-
     def startService(self) -> None:
-        self._removeStale()
         super().startService()
         if self.serving and self.announce is not None:
             self.announce(self.path)
@@ -162,10 +158,6 @@ class BoundaryLogProxy(MultiService):
         for writer in list(self.writers):
             writer._close()
         return super().stopService()
-
-    def _removeStale(self) -> None:
-        if self.listening.port is None:
-            removeStaleSocket(self.path, "boundary log proxy")
 
     # -- what writers deliver --------------------------------------------------------
 
