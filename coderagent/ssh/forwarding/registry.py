@@ -19,7 +19,11 @@ import struct
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.conch.error import ConchError
-from twisted.conch.ssh.connection import OPEN_CONNECT_FAILED, SSHConnection
+from twisted.conch.ssh.connection import (
+    OPEN_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_CONNECT_FAILED,
+    SSHConnection,
+)
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -131,6 +135,20 @@ class Forwards:
         except AttributeError:
             return "?"
         return hostPort(str(getattr(peer, "host", "?")), int(getattr(peer, "port", 0)))
+
+    def checkLocal(self, transport: str, target: str, what: str) -> None:
+        """Ask the policy about a local forward; raise the open failure it refuses with."""
+        decision = self.policy.allowLocalForward(transport, target)
+        if not decision.allowed:
+            self.refused("local", transport, decision, what)
+            raise ConchError(decision.reason, OPEN_ADMINISTRATIVELY_PROHIBITED)
+
+    def allowsReverse(self, transport: str, target: str, what: str) -> bool:
+        """Ask the policy about a reverse forward; a refusal is accounted for here."""
+        decision = self.policy.allowReverseForward(transport, target)
+        if not decision.allowed:
+            self.refused("reverse", transport, decision, what)
+        return decision.allowed
 
     def refused(self, direction: str, transport: str, decision: Decision, what: str) -> None:
         """Account for one policy refusal: a WARN line and the counter."""

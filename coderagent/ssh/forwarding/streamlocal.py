@@ -140,10 +140,7 @@ class StreamLocalForwarding:
         f = self.forwards
         # Decided before the payload is parsed, as upstream does.
         target = _peekPath(data)
-        decision = f.policy.allowLocalForward("unix", target)
-        if not decision.allowed:
-            f.refused("local", "unix", decision, f"direct-streamlocal to {target}")
-            raise ConchError(decision.reason, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+        f.checkLocal("unix", target, f"direct-streamlocal to {target}")
         try:
             payload = Payload(data)
             path = payload.path()
@@ -184,9 +181,7 @@ class StreamLocalForwarding:
     def forward(self, data: bytes) -> int:
         f = self.forwards
         target = _peekPath(data)
-        decision = f.policy.allowReverseForward("unix", target)
-        if not decision.allowed:
-            f.refused("reverse", "unix", decision, f"streamlocal-forward on {target}")
+        if not f.allowsReverse("unix", target, f"streamlocal-forward on {target}"):
             return 0
         try:
             payload = Payload(data)

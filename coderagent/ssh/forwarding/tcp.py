@@ -139,10 +139,7 @@ class TCPForwarding:
     ) -> Deferred[RelayChannel]:
         f = self.forwards
         target = _peekHostPort(data)
-        decision = f.policy.allowLocalForward("tcp", target)
-        if not decision.allowed:
-            f.refused("local", "tcp", decision, f"direct-tcpip to {target}")
-            raise ConchError(decision.reason, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+        f.checkLocal("tcp", target, f"direct-tcpip to {target}")
         try:
             payload = Payload(data)
             host = payload.text()
@@ -182,9 +179,7 @@ class TCPForwarding:
     def forward(self, data: bytes) -> int | tuple[int, bytes]:
         f = self.forwards
         bind = _peekHostPort(data)
-        decision = f.policy.allowReverseForward("tcp", bind)
-        if not decision.allowed:
-            f.refused("reverse", "tcp", decision, f"tcpip-forward on {bind}")
+        if not f.allowsReverse("tcp", bind, f"tcpip-forward on {bind}"):
             return 0
         try:
             payload = Payload(data)
