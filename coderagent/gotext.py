@@ -13,6 +13,15 @@ def goQuote(text: bytes | str) -> str:
 
     Invalid UTF-8 becomes ``\\xNN`` escapes, exactly as Go prints it.
     """
+    if isinstance(text, str):
+        if text.isprintable() and '"' not in text and "\\" not in text:
+            return f'"{text}"'
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8
+            pass
+        else:  # valid text: one C-level pass, each code point's escape computed once
+            return '"' + text.translate(_ESCAPES) + '"'
     raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
     out = ['"']
     i = 0
@@ -40,21 +49,38 @@ def goQuote(text: bytes | str) -> str:
             i += 1
             continue
         i += size
-        cp = ord(ch)
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ch.isprintable():
-            out.append(ch)
-        elif ch in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[ch])
-        elif cp < 0x20 or cp == 0x7F:
-            out.append(f"\\x{cp:02x}")
-        elif cp < 0x10000:
-            out.append(f"\\u{cp:04x}")
-        else:
-            out.append(f"\\U{cp:08x}")
+        out.append(_escape(ch))
     out.append('"')
     return "".join(out)
+
+
+def _escape(ch: str) -> str:
+    """One code point as it stands inside Go's quotes."""
+    cp = ord(ch)
+    if ch in ('"', "\\"):
+        return "\\" + ch
+    if ch.isprintable():
+        return ch
+    if ch in _GO_ESCAPES:
+        return _GO_ESCAPES[ch]
+    if cp < 0x20 or cp == 0x7F:
+        return f"\\x{cp:02x}"
+    if cp < 0x10000:
+        return f"\\u{cp:04x}"
+    return f"\\U{cp:08x}"
+
+
+class _EscapeTable(dict[int, str]):
+    """``str.translate`` table filled on first use; it keeps at most 4096 code points."""
+
+    def __missing__(self, cp: int) -> str:
+        value = _escape(chr(cp))
+        if len(self) < 4096:
+            self[cp] = value
+        return value
+
+
+_ESCAPES = _EscapeTable()
 
 
 _GO_ESCAPES = {

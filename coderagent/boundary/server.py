@@ -28,6 +28,7 @@ from coderagent.boundary.codec import decodePayload as _decode
 from coderagent.boundary.spool import Spool
 from coderagent.listening import ListeningService
 from coderagent.observe.metrics import AgentMetrics
+from coderagent.pb import agent_pb2
 from coderagent.unixsocket import removeStaleSocket
 
 log = Logger()
@@ -45,7 +46,11 @@ BACKLOG = 4096
 def sessionKey(logs: Logs) -> bytes:
     """What consecutive batches must share to be sent as one request."""
     request = logs.request
-    return f"{request.session_id}\0{request.confined_process_name}".encode()
+    # The two fields, encoded unambiguously: names may hold any character.
+    key: bytes = agent_pb2.ReportBoundaryLogsRequest(
+        session_id=request.session_id, confined_process_name=request.confined_process_name
+    ).SerializeToString(deterministic=True)
+    return key
 
 
 class BoundaryWriter(Protocol):

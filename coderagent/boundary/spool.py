@@ -55,8 +55,8 @@ log = Logger()
 MAGIC = b"CBL\x01"
 _HEAD = struct.Struct(">4sQIHII")
 HEAD_SIZE = _HEAD.size
-#: What a record may claim before it is taken for garbage.
-_MAX_KEY = 4096
+#: What a record may claim before it is taken for garbage: what the writer can store.
+_MAX_KEY = 0xFFFF
 _MAX_PAYLOAD = 1 << 20
 _READ_CHUNK = 256 * 1024
 
