@@ -16,8 +16,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.logger import Logger
 
-from coderagent.boundary.forwarder import Forwarder
-from coderagent.boundary.server import BoundaryLogProxy
+from coderagent.boundary.service import BoundaryService
 from coderagent.boundary.spool import Spool
 from coderagent.coderd.client import CoderdClient
 from coderagent.coderd.credentials import CredentialsError, resolveCredentials
@@ -138,7 +137,6 @@ def makeService(
     status.add("ssh", lambda: {"connections": len(factory.connections)})
     Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
 
-    spool = _boundaryProxy(options, reactor, metrics, context, status, top)
     coderd = CoderdClient(
         url=credentials.url,
         token=credentials.token,
@@ -150,7 +148,7 @@ def makeService(
     reporter = Reporter(coderd, environ, reactor)
     reporter.onManifest(lambda manifest: context.overrides.update(sessionVariables(manifest)))
     reporter.setServiceParent(coderd)
-    Forwarder(spool=spool, client=coderd, metrics=metrics, clock=reactor).setServiceParent(coderd)
+    _boundary(options, reactor, metrics, context, status, coderd).setServiceParent(coderd)
     coderd.setServiceParent(top)
     status.add(
         "coderd",
@@ -194,15 +192,15 @@ def makeService(
     return top
 
 
-def _boundaryProxy(
+def _boundary(
     options: Mapping[str, Any],
     reactor: Any,
     metrics: AgentMetrics,
     context: SessionContext,
     status: AgentStatus,
-    top: MultiService,
-) -> Spool:
-    """The spool, and the socket that fills it (the forwarder empties it)."""
+    coderd: CoderdClient,
+) -> BoundaryService:
+    """The spool, the socket that fills it and the forwarder that empties it."""
     spool = Spool(
         options["boundary-log-spool-dir"],
         reactor=reactor,
@@ -210,34 +208,26 @@ def _boundaryProxy(
         commitInterval=options["boundary-log-commit-interval"],
         onDrop=metrics.boundaryDropped,
     )
-    spool.open()
-    metrics.watchSpool(
-        lambda: spool.pendingRecords, lambda: spool.pendingLogs, lambda: spool.pendingBytes
-    )
     socketPath = options["boundary-log-proxy-socket-path"]
-    proxy: BoundaryLogProxy | None = None
-    if socketPath:
-        proxy = BoundaryLogProxy(
-            path=socketPath,
-            spool=spool,
-            metrics=metrics,
-            reactor=reactor,
-            announce=lambda path: context.overrides.update(CODER_BOUNDARY_LOG_SOCKET=path),
-        )
-        proxy.setServiceParent(top)
-    else:
-        log.warn("boundary log proxy socket path not defined; not starting proxy")
+    boundary = BoundaryService(
+        spool=spool,
+        client=coderd,
+        metrics=metrics,
+        reactor=reactor,
+        socketPath=socketPath,
+        announce=lambda path: context.overrides.update(CODER_BOUNDARY_LOG_SOCKET=path),
+    )
     status.add(
         "boundary",
         lambda: {
             "socket": socketPath or None,
-            "serving": bool(proxy and proxy.serving),
+            "serving": boundary.serving,
             "spooled_batches": spool.pendingRecords,
             "spooled_logs": spool.pendingLogs,
             "spooled_bytes": spool.pendingBytes,
         },
     )
-    return spool
+    return boundary
 
 
 def _controlSocket(path: str, reactor: Any, status: AgentStatus) -> ListeningService:

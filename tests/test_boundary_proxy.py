@@ -20,14 +20,14 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 
-from coderagent.boundary import forwarder as forwarderModule
-from coderagent.boundary import server as serverModule
 from coderagent.boundary.codec import TAG_V1, TAG_V2, encodeFrame
 from coderagent.boundary.forwarder import Forwarder, requests
-from coderagent.boundary.server import BoundaryLogProxy
-from coderagent.boundary.spool import Record, Spool
-from coderagent.coderd.client import CoderdClient
+from coderagent.boundary.server import STALL_TIMEOUT, BoundaryLogProxy
+from coderagent.boundary.service import BoundaryService
+from coderagent.boundary.spool import Record, Spool, sessionKey
+from coderagent.coderd.client import CoderdClient, retryDelay
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.pb import agent_pb2, boundary_pb2
 from tests.localcoderd import TOKEN, Coderd
@@ -79,6 +79,7 @@ class Proxy:
     path: str
     spool: Spool
     metrics: AgentMetrics
+    service: BoundaryService
     proxy: BoundaryLogProxy
     client: CoderdClient
     forwarder: Forwarder
@@ -103,30 +104,39 @@ class Proxy:
         return done.addTimeout(TIMEOUT, reactor)
 
     async def stop(self) -> None:
-        await self.proxy.stopService()
-        await self.client.stopService()  # the forwarder first: it closes the spool
+        # The boundary service is the client's child: it stops first, the spool last.
+        await self.client.stopService()
 
 
 async def startProxy(
-    tmp_path: Path, coderd: Coderd, port: int | None = None, **spoolArgs: Any
+    tmp_path: Path,
+    coderd: Coderd,
+    port: int | None = None,
+    clock: Any = None,
+    **spoolArgs: Any,
 ) -> Proxy:
     metrics = AgentMetrics()
     spool = Spool(tmp_path / "spool", reactor=reactor, onDrop=metrics.boundaryDropped, **spoolArgs)
-    spool.open()
     path = str(tmp_path / "boundary.sock")
     announced: list[str] = []
-    proxy = BoundaryLogProxy(
-        path=path, spool=spool, metrics=metrics, reactor=reactor, announce=announced.append
-    )
-    proxy.startService()
-    assert announced == [path]
     if port is None:
         port = coderd.port.getHost().port
     client = CoderdClient(url=f"http://127.0.0.1:{port}", token=TOKEN, reactor=reactor)
-    forwarder = Forwarder(spool=spool, client=client, metrics=metrics, clock=reactor)
-    forwarder.setServiceParent(client)
+    service = BoundaryService(
+        spool=spool,
+        client=client,
+        metrics=metrics,
+        reactor=reactor,
+        socketPath=path,
+        announce=announced.append,
+        clock=clock,
+    )
+    service.setServiceParent(client)
     client.startService()
-    return Proxy(path, spool, metrics, proxy, client, forwarder, coderd)
+    await service.whenStarted()
+    assert announced == [path]
+    assert service.proxy is not None
+    return Proxy(path, spool, metrics, service, service.proxy, client, service.forwarder, coderd)
 
 
 class Writer(Protocol):
@@ -215,14 +225,14 @@ async def test_a_socket_another_agent_serves_is_left_alone(tmp_path: Path, coder
 async def test_an_unbindable_path_is_an_error_not_a_crash(tmp_path: Path, coderd: Coderd) -> None:
     metrics = AgentMetrics()
     spool = Spool(tmp_path / "spool", reactor=reactor)
-    spool.open()
+    await spool.open()
     proxy = BoundaryLogProxy(
         path=str(tmp_path / "no-such-dir" / "b.sock"), spool=spool, metrics=metrics, reactor=reactor
     )
     proxy.startService()
     assert not proxy.serving
     await proxy.stopService()
-    spool.close()
+    await spool.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -285,15 +295,18 @@ async def test_bad_input_costs_only_itself(tmp_path: Path, coderd: Coderd) -> No
 
 @pytest_twisted.ensureDeferred
 async def test_a_writer_that_stalls_mid_frame_blocks_nobody_and_is_closed(
-    tmp_path: Path, coderd: Coderd, monkeypatch: Any
+    tmp_path: Path, coderd: Coderd
 ) -> None:
-    monkeypatch.setattr(serverModule, "STALL_TIMEOUT", 0.3)
-    p = await startProxy(tmp_path, coderd)
+    clock = Clock()
+    p = await startProxy(tmp_path, coderd, clock=clock)
     try:
         stalled = await write(p.path, v1(batch("half", 0, 5))[:20], close=False)
         other = await write(p.path, v1(batch("whole", 0, 5)))
         await other.lost
         await until(coderd, 5)  # the stalled writer held up nobody
+        clock.advance(STALL_TIMEOUT - 1)
+        assert not stalled.lost.called
+        clock.advance(1)
         await stalled.lost.addTimeout(TIMEOUT, reactor)  # and is closed for stalling
         assert p.value("agent_boundary_log_proxy_frames_rejected_total", reason="stalled") == 1
     finally:
@@ -346,9 +359,8 @@ async def test_while_coderd_is_down_batches_wait_and_arrive_in_order(tmp_path: P
 
 @pytest_twisted.ensureDeferred
 async def test_coderd_refusing_a_batch_five_times_drops_only_it(
-    tmp_path: Path, coderd: Coderd, monkeypatch: Any
+    tmp_path: Path, coderd: Coderd
 ) -> None:
-    monkeypatch.setattr(forwarderModule, "retryDelay", lambda attempt: 0.01)
     refuse = {"poison"}
     handler = coderd.api.handlers["/coder.agent.v2.Agent/ReportBoundaryLogs"]
 
@@ -360,7 +372,9 @@ async def test_coderd_refusing_a_batch_five_times_drops_only_it(
         return handler(data)
 
     coderd.api.handlers["/coder.agent.v2.Agent/ReportBoundaryLogs"] = picky
+    clock = NextTurnClock()
     p = await startProxy(tmp_path, coderd)
+    p.forwarder.clock = clock  # only the retries: a stall timer must not fire next turn
     try:
         before, poison, after = batch("a", 0, 2), batch("poison", 0, 3), batch("b", 0, 2)
         writer = await write(p.path, v1(before) + v1(poison) + v1(after))
@@ -371,38 +385,55 @@ async def test_coderd_refusing_a_batch_five_times_drops_only_it(
             p.value("agent_boundary_log_proxy_batches_dropped_total", reason="forward_failed") == 1
         )
         assert p.value("agent_boundary_log_proxy_logs_dropped_total", reason="forward_failed") == 3
+        # Four waits between five attempts, on upstream's schedule.
+        assert clock.delays == [retryDelay(n) for n in range(1, 5)]
     finally:
         await p.stop()
 
 
+class NextTurnClock:
+    """A clock whose delayed calls run at the reactor's next turn; it records the delays."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def seconds(self) -> float:
+        return float(reactor.seconds())
+
+    def callLater(self, delay: float, f: Any, *args: Any, **kw: Any) -> Any:
+        self.delays.append(delay)
+        return reactor.callLater(0, f, *args, **kw)
+
+
 def _record(seq: int, session: str, logs: int) -> Record:
     request = batch(session, seq * 100, logs)
-    return Record(seq, logs, f"{session}\0claude".encode(), request.SerializeToString())
+    return Record(seq, logs, sessionKey(session, "claude"), request.SerializeToString())
 
 
-def test_consecutive_batches_of_a_session_travel_together_up_to_1000_logs() -> None:
+def test_a_sessions_batches_travel_together_up_to_1000_logs_sessions_in_order() -> None:
     records = [
         _record(1, "a", 400),
         _record(2, "a", 500),
-        _record(3, "a", 200),  # would make 1100
-        _record(4, "b", 10),
+        _record(3, "b", 10),  # another session in between
+        _record(4, "a", 200),  # would make 1100
         _record(5, "a", 2500),  # more than 1000 on its own: split
     ]
     out = list(requests(records))
     assert [(logs, [r.seq for r in done]) for _, logs, done in out] == [
         (900, [1, 2]),
-        (200, [3]),
-        (10, [4]),
+        (200, [4]),
         (1000, []),
         (1000, []),
         (500, [5]),
+        (10, [3]),
     ]
     first = agent_pb2.ReportBoundaryLogsRequest.FromString(out[0][0])
     assert first.session_id == "a" and len(first.logs) == 900
     assert [e.sequence_number for e in first.logs] == list(range(100, 500)) + list(range(200, 700))
-    parts = [agent_pb2.ReportBoundaryLogsRequest.FromString(payload) for payload, _, _ in out[3:]]
+    parts = [agent_pb2.ReportBoundaryLogsRequest.FromString(payload) for payload, _, _ in out[2:5]]
     assert [e.sequence_number for part in parts for e in part.logs] == list(range(500, 3000))
     assert {p.session_id for p in parts} == {"a"}
+    assert agent_pb2.ReportBoundaryLogsRequest.FromString(out[5][0]).session_id == "b"
 
 
 @pytest_twisted.ensureDeferred

@@ -18,10 +18,16 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from coderagent.boundary.forwarder import MAX_LOGS_PER_REQUEST, requests
+from coderagent.boundary.forwarder import (
+    MAX_LOGS_PER_REQUEST,
+    MAX_TAKE_BYTES,
+    MAX_TAKE_LOGS,
+    requests,
+)
 from coderagent.boundary.server import BoundaryLogProxy, BoundaryWriter
 from coderagent.boundary.spool import Spool
 from coderagent.devcoderd.server import DevAgentAPI, Workspace
@@ -46,11 +52,11 @@ def expectedOf(sent: list[agent_pb2.ReportBoundaryLogsRequest]) -> Sent:
     return dict(out)
 
 
-def roundTrip(tmp_path: Path, stream: bytes, rng: random.Random) -> tuple[Sent, DevAgentAPI]:
+async def roundTrip(tmp_path: Path, stream: bytes, rng: random.Random) -> tuple[Sent, DevAgentAPI]:
     """Feed ``stream`` to the socket's protocol in random pieces; return what coderd got."""
     metrics = AgentMetrics()
     spool = Spool(tmp_path / "spool", reactor=reactor, onDrop=metrics.boundaryDropped)
-    spool.open()
+    await spool.open()
     proxy = BoundaryLogProxy(
         path=str(tmp_path / "unused.sock"), spool=spool, metrics=metrics, reactor=Clock()
     )
@@ -61,14 +67,14 @@ def roundTrip(tmp_path: Path, stream: bytes, rng: random.Random) -> tuple[Sent, 
         writer.dataReceived(stream[at : at + step])
         at += step
     assert writer.parser.error is None and writer.parser.buffered == 0
-    spool.close()
+    await spool.close()
 
     again = Spool(tmp_path / "spool", reactor=reactor, onDrop=metrics.boundaryDropped)
-    again.open()
+    await again.open()
     api = DevAgentAPI(Workspace(), out=StringIO())
     handler = api.handlers["/coder.agent.v2.Agent/ReportBoundaryLogs"]
     got: Sent = defaultdict(list)
-    while records := again.take(MAX_LOGS_PER_REQUEST, 1 << 22):
+    while records := await again.take(MAX_TAKE_LOGS, MAX_TAKE_BYTES):
         for payload, logs, _ in requests(records):
             handler(payload)
             request = api.boundaryRequests[-1]
@@ -78,20 +84,21 @@ def roundTrip(tmp_path: Path, stream: bytes, rng: random.Random) -> tuple[Sent, 
             ]
         again.ack(records)
     assert again.pendingRecords == 0
-    again.close()
-    for reason in ("buffer_full", "spool_full", "spool_unavailable", "spool_unreadable"):
+    await again.close()
+    for reason in ("buffer_full", "spool_full", "spool_unreadable"):
         assert not metrics.value("agent_boundary_log_proxy_logs_dropped_total", reason=reason)
     return dict(got), api
 
 
-def test_random_valid_frames_reach_coderd_byte_for_byte(tmp_path: Path) -> None:
+@pytest_twisted.ensureDeferred
+async def test_random_valid_frames_reach_coderd_byte_for_byte(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     sent, frames = [], []
     for _ in range(FRAMES):
         request, data = frame(rng)
         sent.append(request)
         frames.append(data)
-    got, _ = roundTrip(tmp_path, b"".join(frames), rng)
+    got, _ = await roundTrip(tmp_path, b"".join(frames), rng)
     expected = expectedOf(sent)
     wrong = [key for key in expected.keys() | got.keys() if got.get(key) != expected.get(key)]
     assert not wrong, (
@@ -102,17 +109,19 @@ def test_random_valid_frames_reach_coderd_byte_for_byte(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tag", [1, 2])
-def test_a_full_size_frame_with_a_32k_process_name(tmp_path: Path, tag: int) -> None:
+@pytest_twisted.ensureDeferred
+async def test_a_full_size_frame_with_a_32k_process_name(tmp_path: Path, tag: int) -> None:
     request, data = exactFrame("0b6f3c8e-5d2a-4c1e-9f7b-2a4d6e8f0a1c", tag)
     assert len(data) == 4 + 32768
-    got, api = roundTrip(tmp_path, data, random.Random(tag))
+    got, api = await roundTrip(tmp_path, data, random.Random(tag))
     assert got == expectedOf([request])
     [received] = api.boundaryRequests
     assert received.confined_process_name == request.confined_process_name
     assert len(received.confined_process_name) > 32_000
 
 
-def test_sessions_that_differ_only_where_a_nul_would_split_them(tmp_path: Path) -> None:
+@pytest_twisted.ensureDeferred
+async def test_sessions_that_differ_only_where_a_nul_would_split_them(tmp_path: Path) -> None:
     """A key built by joining the two names with NUL would merge these two sessions."""
     first = agent_pb2.ReportBoundaryLogsRequest(session_id="a\0b", confined_process_name="c")
     second = agent_pb2.ReportBoundaryLogsRequest(session_id="a", confined_process_name="b\0c")
@@ -121,5 +130,5 @@ def test_sessions_that_differ_only_where_a_nul_would_split_them(tmp_path: Path) 
     from coderagent.boundary.codec import TAG_V1, encodeFrame
 
     stream = b"".join(encodeFrame(TAG_V1, r.SerializeToString()) for r in (first, second))
-    got, _ = roundTrip(tmp_path, stream, random.Random(0))
+    got, _ = await roundTrip(tmp_path, stream, random.Random(0))
     assert got == expectedOf([first, second])

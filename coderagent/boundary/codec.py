@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 from google.protobuf.message import DecodeError
 
@@ -34,6 +35,17 @@ HEADER_SIZE = HEADER.size
 
 class FrameError(Exception):
     """The stream cannot be read any further (bad tag or length)."""
+
+    #: The ``reason`` label this error counts under in the rejection metric.
+    reason: ClassVar[str]
+
+
+class UnsupportedTagError(FrameError):
+    reason = "unsupported_tag"
+
+
+class FrameTooLargeError(FrameError):
+    reason = "too_large"
 
 
 class MessageError(Exception):
@@ -117,9 +129,9 @@ class FrameParser:
             (header,) = HEADER.unpack_from(buf, pos)
             tag, length = header >> 24, header & 0xFFFFFF
             if tag not in (TAG_V1, TAG_V2):
-                self.error = FrameError(f"unsupported tag: {tag}")
+                self.error = UnsupportedTagError(f"unsupported tag: {tag}")
             elif length > MAX_PAYLOAD:
-                self.error = FrameError(
+                self.error = FrameTooLargeError(
                     f"message too large: {length} bytes (at most {MAX_PAYLOAD})"
                 )
             if self.error is not None:

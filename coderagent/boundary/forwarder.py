@@ -1,12 +1,18 @@
-"""Spool to coderd: ReportBoundaryLogs, in order, retried until coderd has them.
+"""Spool to coderd: ReportBoundaryLogs, retried until coderd has them.
 
 Upstream makes one attempt per batch and drops it on any error.  Here a batch
 stays in the spool until coderd acknowledged it; while coderd is unreachable
 the forwarder waits (the coderd client reconnects meanwhile) and tries again
-with upstream's backoff, so batches arrive in the order they were received,
-only later.  Consecutive batches of one boundary session travel as one
-request of at most 1000 logs (coderd's limit) and 3.5 MiB (under DRPC's
-4 MiB); a batch of more than 1000 logs is split.
+with upstream's backoff.
+
+What is waiting is taken in one go (up to ``MAX_TAKE_LOGS`` logs) and sent as
+one request per boundary session, in the order each session's batches
+arrived: a request carries at most 1000 logs (coderd's limit) and 3.5 MiB
+(under DRPC's 4 MiB), so a session with more goes as several requests, in
+order, and a batch of more than 1000 logs is split.  Batching per session
+matters: boundary processes write concurrently, so consecutive batches
+rarely share a session, and one round trip per batch would make coderd's
+latency, not its throughput, the limit.
 
 The one case where a batch is given up is coderd *answering* with an error
 for it ``MAX_REJECTIONS`` times in a row (it is then not a matter of waiting):
@@ -16,7 +22,7 @@ it is dropped, logged with coderd's message and counted as
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.application.service import Service
@@ -37,6 +43,9 @@ log = Logger()
 MAX_LOGS_PER_REQUEST = 1000
 #: Room under DRPC's 4 MiB message cap.
 MAX_REQUEST_BYTES = 3_584 * 1024
+#: What one take from the spool may hold: several sessions' requests.
+MAX_TAKE_LOGS = 8 * MAX_LOGS_PER_REQUEST
+MAX_TAKE_BYTES = 8 * 1024 * 1024
 #: coderd refusing one request this many times in a row drops it.
 MAX_REJECTIONS = 5
 #: How long one ReportBoundaryLogs may take before it is tried again.
@@ -44,33 +53,50 @@ CALL_TIMEOUT = 30.0
 #: How long stopping waits for the request on its way.
 STOP_GRACE = 5.0
 
+Request = tuple[bytes, int, list[Record]]
 
-def requests(records: list[Record]) -> Iterator[tuple[bytes, int, list[Record]]]:
-    """``(encoded request, log count, records)`` for consecutive runs of one session.
 
-    Serialized protobuf messages concatenate into their merge: the ``logs``
-    of every batch in order, the same session fields.  So a run is sent as
-    the batches' bytes joined, without decoding them.
+def requests(records: list[Record]) -> Iterator[Request]:
+    """``(encoded request, log count, records)``: one request per session and run.
+
+    Sessions come in the order of their first batch, each session's batches
+    in their order.  Serialized protobuf messages concatenate into their
+    merge (the ``logs`` of every batch in order, the same session fields), so
+    a run is sent as its batches' bytes joined, without decoding them.  The
+    records of a request are those it completes (a split batch is listed
+    with its last part).
     """
-    run: list[Record] = []
-    logs = 0
+    sessions: dict[bytes, list[Record]] = {}
     for record in records:
+        sessions.setdefault(record.key, []).append(record)
+    for batches in sessions.values():
+        yield from _runs(batches)
+
+
+def _runs(batches: list[Record]) -> Iterator[Request]:
+    run: list[Record] = []
+    logs = size = 0
+    for record in batches:
         if record.logs > MAX_LOGS_PER_REQUEST:
             if run:
                 yield b"".join(r.payload for r in run), logs, run
-                run, logs = [], 0
+                run, logs, size = [], 0, 0
             yield from _split(record)
             continue
-        if run and (record.key != run[0].key or logs + record.logs > MAX_LOGS_PER_REQUEST):
+        if run and (
+            logs + record.logs > MAX_LOGS_PER_REQUEST
+            or size + len(record.payload) > MAX_REQUEST_BYTES
+        ):
             yield b"".join(r.payload for r in run), logs, run
-            run, logs = [], 0
+            run, logs, size = [], 0, 0
         run.append(record)
         logs += record.logs
+        size += len(record.payload)
     if run:
         yield b"".join(r.payload for r in run), logs, run
 
 
-def _split(record: Record) -> Iterator[tuple[bytes, int, list[Record]]]:
+def _split(record: Record) -> Iterator[Request]:
     whole = agent_pb2.ReportBoundaryLogsRequest.FromString(record.payload)
     entries = list(whole.logs)
     for start in range(0, len(entries), MAX_LOGS_PER_REQUEST):
@@ -87,12 +113,20 @@ class Forwarder(Service):
     """Takes from ``spool``, delivers through ``client``, acknowledges."""
 
     def __init__(
-        self, *, spool: Spool, client: CoderdClient, metrics: AgentMetrics, clock: Any
+        self,
+        *,
+        spool: Spool,
+        client: CoderdClient,
+        metrics: AgentMetrics,
+        clock: Any,
+        backoff: Callable[[int], float] = retryDelay,
     ) -> None:
+        """``clock`` times the retries, ``backoff(attempt)`` says how long each waits."""
         self.spool = spool
         self.client = client
         self.metrics = metrics
         self.clock = clock
+        self.backoff = backoff
         self._loop: Deferred[None] | None = None
         self._waiting: Deferred[Any] | None = None
         self._failing = False
@@ -121,7 +155,10 @@ class Forwarder(Service):
             self._waiting = self.spool.available()
             await self._waiting
             self._waiting = None
-            records = self.spool.take(MAX_LOGS_PER_REQUEST, MAX_REQUEST_BYTES)
+            taking = self.spool.take(MAX_TAKE_LOGS, MAX_TAKE_BYTES)
+            self._waiting = taking
+            records = await taking
+            self._waiting = None
             if not records:
                 continue
             for payload, logs, done in requests(records):
@@ -163,7 +200,7 @@ class Forwarder(Service):
                     )
                 return
             attempt += 1
-            self._waiting = deferLater(self.clock, retryDelay(attempt), lambda: None)
+            self._waiting = deferLater(self.clock, self.backoff(attempt), lambda: None)
             await self._waiting
             self._waiting = None
 
@@ -178,13 +215,14 @@ class Forwarder(Service):
             )
 
     def stopService(self) -> Deferred[None]:
+        """Let the request on its way finish (within ``STOP_GRACE``); what is left
+        stays spooled for the next start."""
         super().stopService()
         loop, self._loop = self._loop, None
         done: Deferred[None] = Deferred()
         if loop is None:
             done.callback(None)
-            return done.addCallback(lambda _: self.spool.close())
-        # Let the request on its way finish (bounded); what is left stays spooled.
+            return done
         if self._waiting is not None:
             self._waiting.cancel()
         timer = self.clock.callLater(STOP_GRACE, loop.cancel)
@@ -192,7 +230,6 @@ class Forwarder(Service):
         def finished(result: object) -> None:
             if timer.active():
                 timer.cancel()
-            self.spool.close()
             done.callback(None)
 
         loop.addBoth(finished)

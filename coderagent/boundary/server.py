@@ -25,10 +25,9 @@ from twisted.python.failure import Failure
 
 from coderagent.boundary.codec import FrameParser, Logs, MessageError, Status
 from coderagent.boundary.codec import decodePayload as _decode
-from coderagent.boundary.spool import Spool
+from coderagent.boundary.spool import Spool, sessionKey
 from coderagent.listening import ListeningService
 from coderagent.observe.metrics import AgentMetrics
-from coderagent.pb import agent_pb2
 from coderagent.unixsocket import removeStaleSocket
 
 log = Logger()
@@ -41,16 +40,6 @@ SOCKET_MODE = 0o600
 
 #: Connections waiting to be accepted (Go's listeners use the kernel's maximum).
 BACKLOG = 4096
-
-
-def sessionKey(logs: Logs) -> bytes:
-    """What consecutive batches must share to be sent as one request."""
-    request = logs.request
-    # The two fields, encoded unambiguously: names may hold any character.
-    key: bytes = agent_pb2.ReportBoundaryLogsRequest(
-        session_id=request.session_id, confined_process_name=request.confined_process_name
-    ).SerializeToString(deterministic=True)
-    return key
 
 
 class BoundaryWriter(Protocol):
@@ -79,8 +68,7 @@ class BoundaryWriter(Protocol):
                 log.warn("unknown BoundaryMessage variant; ignored")
         error = self.parser.error
         if error is not None:
-            reason = "too_large" if "too large" in str(error) else "unsupported_tag"
-            self.proxy.rejected(reason, f"read frame error: {error}; closing the connection")
+            self.proxy.rejected(error.reason, f"read frame error: {error}; closing the connection")
             self._close()
             return
         self._watchStall()
@@ -90,13 +78,13 @@ class BoundaryWriter(Protocol):
             self._stall.cancel()
         self._stall = None
         if self.parser.buffered:
-            self._stall = self.proxy.reactor.callLater(STALL_TIMEOUT, self._stalled)
+            self._stall = self.proxy.clock.callLater(self.proxy.stallTimeout, self._stalled)
 
     def _stalled(self) -> None:
         self._stall = None
         self.proxy.rejected(
             "stalled",
-            f"a boundary writer left a frame unfinished for {STALL_TIMEOUT:g}s "
+            f"a boundary writer left a frame unfinished for {self.proxy.stallTimeout:g}s "
             f"({self.parser.buffered} bytes); closing the connection",
         )
         self._close()
@@ -129,14 +117,19 @@ class BoundaryLogProxy(MultiService):
         metrics: AgentMetrics,
         reactor: Any,
         announce: Callable[[str], None] | None = None,
+        clock: Any = None,
+        stallTimeout: float = STALL_TIMEOUT,
     ) -> None:
-        """``announce(path)`` is called once the socket is listening (sessions learn it)."""
+        """``announce(path)`` is called once the socket is listening (sessions learn it);
+        ``clock`` (default: the reactor) times ``stallTimeout``."""
         super().__init__()
         self.path = path
         self.announce = announce
         self.spool = spool
         self.metrics = metrics
         self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.stallTimeout = stallTimeout
         self.writers: set[BoundaryWriter] = set()
         self.listening = ListeningService(
             reactor=reactor,
@@ -167,14 +160,16 @@ class BoundaryLogProxy(MultiService):
     # -- what writers deliver --------------------------------------------------------
 
     def accept(self, logs: Logs) -> None:
-        count = len(logs.request.logs)
+        request = logs.request
+        count = len(request.logs)
         if not count:
-            return
+            return  # nothing coderd would record (it skips an empty request)
+        key = sessionKey(request.session_id, request.confined_process_name)
         try:
-            self.spool.append(sessionKey(logs), logs.encoded, count)
-        except RuntimeError:  # the spool closed under a frame still in flight at shutdown
-            log.error("boundary log proxy is shutting down: {n} logs not kept", n=count)
-            self.metrics.boundaryDropped("spool_unavailable", 1, count)
+            self.spool.append(key, logs.encoded, count)
+        except RuntimeError:  # the spool is not open: cannot happen while the socket serves
+            log.error("boundary log proxy: the spool is not open; {n} logs not kept", n=count)
+            self.metrics.boundaryDropped("buffer_full", 1, count)
 
     def status(self, status: Status) -> None:
         if status.droppedChannelFull > 0:

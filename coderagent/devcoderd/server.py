@@ -294,6 +294,7 @@ class DevAgentAPI:
         self.stats: list[agent_pb2.Stats] = []
         self.logs: list[agent_pb2.Log] = []
         self.boundaryLogs = 0
+        self._boundarySessions: set[str] = set()
         #: The latest ReportBoundaryLogs requests accepted, in order (for tests and inspection).
         self.boundaryRequests: deque[agent_pb2.ReportBoundaryLogsRequest] = deque(
             maxlen=KEEP_BOUNDARY_REQUESTS
@@ -387,12 +388,24 @@ class DevAgentAPI:
         received = self.clock()
         self.boundaryRequests.append(request)
         lines = boundaryLines(self.workspace, request, received)
+        self.boundaryLogs += len(lines)
+        if request.session_id not in self._boundarySessions:
+            # coderd stores a boundary_sessions row (with the process name) the
+            # first time it sees a session; coderd-dev shows it as a line.
+            if len(self._boundarySessions) >= KEEP_BOUNDARY_REQUESTS:
+                self._boundarySessions.clear()
+            self._boundarySessions.add(request.session_id)
+            fields = [
+                ("session_id", request.session_id),
+                ("confined_process_name", request.confined_process_name),
+            ]
+            text = formatFields("boundary_session", fields)
+            lines.insert(0, humanLine(received, LogLevel.info, "coderd-dev", text))
         # One write per batch, straight to the sink: at tens of thousands of
         # logs a second, the logging system's per-event work would be the
         # bottleneck of every benchmark run through coderd-dev.
         self.out.write("".join(lines))
         self.out.flush()
-        self.boundaryLogs += len(lines)
         return agent_pb2.ReportBoundaryLogsResponse()
 
 

@@ -27,12 +27,13 @@ FORWARD_TRANSPORTS = ("tcp", "unix")
 #: ``magic_type`` values of the session metrics (upstream's).
 SESSION_TYPES = ("ssh", "vscode", "jetbrains", "unknown")
 
-#: ``reason`` values of the boundary drop counters: upstream's, then ours.
+#: ``reason`` values of the boundary drop counters: upstream's (``buffer_full``: the
+#: agent's own buffer, here the memory the spool holds while the disk cannot take it;
+#: ``forward_failed``), then ours.
 BOUNDARY_BATCH_DROP_REASONS = (
     "buffer_full",
     "forward_failed",
     "spool_full",
-    "spool_unavailable",
     "spool_unreadable",
 )
 BOUNDARY_LOG_DROP_REASONS = (

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from coderagent.boundary.codec import TAG_V1, TAG_V2, encodeFrame
+from coderagent.pb import agent_pb2
 from tests.agentproc import REPO, Agent, ClientKeys, Coderd, runningAgent, spawnCoderd, ssh
+from tests.boundaryframes import exactFrame
 
 SESSION = "0b6f3c8e-5d2a-4c1e-9f7b-2a4d6e8f0a1c"
 IDS = {
@@ -223,5 +227,70 @@ def test_a_spool_smaller_than_the_backlog_drops_the_oldest_and_counts_them(
             assert onItsWay <= 1000
             assert got == list(range(onItsWay)) + list(range(onItsWay + int(dropped), 20000))
             assert metric(agent, "agent_boundary_log_proxy_batches_dropped_total") == dropped / 20
+    finally:
+        server.stop()
+
+
+def longFrames() -> list[tuple[agent_pb2.ReportBoundaryLogsRequest, bytes]]:
+    """A full 32768-byte frame (V1 and V2) whose process name takes most of it, and frames
+    whose session id or process name is over 20 000 bytes."""
+    out = [exactFrame(f"0b6f3c8e-5d2a-4c1e-9f7b-2a4d6e8f0a1{tag}", tag) for tag in (TAG_V1, TAG_V2)]
+    for session, process in (("s" * 20_500, "claude"), ("long-process", "p" * 21_000)):
+        request = agent_pb2.ReportBoundaryLogsRequest(
+            session_id=session, confined_process_name=process
+        )
+        entry = request.logs.add(allowed=False, sequence_number=7)
+        entry.http_request.method = "GET"
+        entry.http_request.url = "https://example.com/denied"
+        out.append((request, encodeFrame(TAG_V1, request.SerializeToString())))
+    return out
+
+
+def sendFrames(agent: Agent, frames: list[bytes]) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(socketOf(agent))
+        for frame in frames:
+            s.sendall(frame)
+
+
+def sessionLine(request: agent_pb2.ReportBoundaryLogsRequest) -> str:
+    return (
+        f"coderd-dev: boundary_session  session_id={request.session_id}  "
+        f"confined_process_name={request.confined_process_name}\n"
+    )
+
+
+def test_full_size_frames_and_20k_names_reach_coderd_whole_even_after_a_restart(
+    clientKeys: ClientKeys, tmp_path: Path
+) -> None:
+    frames = longFrames()
+    assert len(frames[0][1]) == 4 + 32768
+    server = coderd(tmp_path)
+    port = server.port
+    try:
+        with runningAgent(clientKeys, tmp_path / "agent", agentArgs(server)) as agent:
+            sendFrames(agent, [data for _, data in frames[:2]])
+            server.waitForCount("boundary_request  ", 2)
+        log = server.log()
+        for request, _ in frames[:2]:
+            assert sessionLine(request) in log  # the whole process name, every byte
+            assert len(request.confined_process_name) > 32_000
+        server.stop()
+        # coderd is down: the agent keeps the frames on disk across a restart.
+        args = agentArgs(server)
+        with runningAgent(clientKeys, tmp_path / "agent", args) as first:
+            sendFrames(first, [data for _, data in frames[2:]])
+            eventually(
+                lambda: metric(first, "agent_boundary_log_proxy_spooled_logs") == 2,
+                "the agent accepted both frames",
+            )
+        server = coderd(tmp_path, port=port)
+        with runningAgent(clientKeys, tmp_path / "agent", args) as second:
+            second.waitForLog(r"2 batches \(2 logs\) from before the restart")
+            server.waitForCount("boundary_request  ", 2)
+        log = server.log()
+        for request, _ in frames[2:]:
+            assert sessionLine(request) in log
+        assert f"session_id={'s' * 20_500}  sequence_number=7  " in log
     finally:
         server.stop()
