@@ -25,8 +25,9 @@ from coderagent.coderd.drpc import (
     DRPCClientProtocol,
     DRPCConnectionLost,
     DRPCEOFError,
+)
+from coderagent.coderd.drpcwire import (
     DRPCError,
-    DRPCServerProtocol,
     Frame,
     FrameParser,
     IncompleteError,
@@ -43,6 +44,7 @@ from coderagent.coderd.drpc import (
     splitPacket,
     unmarshalError,
 )
+from coderagent.devcoderd.drpcserver import DRPCServerProtocol
 from tests.vectors import canonicalStreams, load, variants
 
 H = bytes.fromhex

@@ -35,9 +35,10 @@ from twisted.python.failure import Failure
 from wsproto.events import Request
 
 from coderagent.coderd.api import RPC_PATH, RPCS, UNAUTHORIZED_MESSAGE
-from coderagent.coderd.drpc import DRPCError, DRPCServerProtocol
-from coderagent.coderd.websocket import Acceptance, WebSocketServerProtocol
+from coderagent.coderd.drpcwire import DRPCError
 from coderagent.coderd.yamux import YamuxSession, YamuxStream
+from coderagent.devcoderd.drpcserver import DRPCServerProtocol
+from coderagent.devcoderd.websocketserver import Acceptance, WebSocketServerProtocol
 from coderagent.gotext import goQuote
 from coderagent.observe.logs import humanLine
 from coderagent.pb import agent_pb2
