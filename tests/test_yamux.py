@@ -24,7 +24,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from coderagent.coderd.yamux import (
+from coderagent.coderd.yamux import YamuxSession, YamuxStream
+from coderagent.coderd.yamuxframe import (
     FLAG_ACK,
     FLAG_FIN,
     FLAG_RST,
@@ -43,8 +44,6 @@ from coderagent.coderd.yamux import (
     StreamOpenTimeoutError,
     StreamResetError,
     YamuxProtocolError,
-    YamuxSession,
-    YamuxStream,
     YamuxTimeoutError,
     decodeHeader,
     encodeHeader,

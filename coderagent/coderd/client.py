@@ -50,7 +50,8 @@ from coderagent.coderd.api import API_VERSION, RPC_PATH, RPCS
 from coderagent.coderd.drpc import DRPCClientProtocol
 from coderagent.coderd.headers import dialHeaders, runHeaderCommand
 from coderagent.coderd.websocket import Headers, WebSocketClientEndpoint
-from coderagent.coderd.yamux import YamuxError, YamuxSession, YamuxStream
+from coderagent.coderd.yamux import YamuxSession, YamuxStream
+from coderagent.coderd.yamuxframe import YamuxError
 
 log = Logger()
 

@@ -4,8 +4,9 @@ coderd multiplexes every agent RPC over one WebSocket with hashicorp/yamux
 (``DefaultConfig()`` on both ends; the agent is the client, coderd the server),
 so this module has to reproduce what the Go library puts on the wire and how it
 reacts to what it reads, including its quirks, not merely "a yamux".  The
-golden streams in ``shared/vectors/yamux_*.json`` and ``drpc_over_yamux*.json``
-were recorded from the Go library and the tests compare against them.
+golden streams in ``tests/golden/yamux_*.json`` and ``drpc_over_yamux*.json``
+were recorded from the Go library and the tests compare against them.  The
+header, constants and errors are in :mod:`coderagent.coderd.yamuxframe`.
 
 What Go does, and therefore what we do:
 
@@ -36,7 +37,6 @@ crediting pauses its registered producer).
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, cast
@@ -60,69 +60,41 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = [
-    "FLAG_ACK",
-    "FLAG_FIN",
-    "FLAG_RST",
-    "FLAG_SYN",
-    "GO_AWAY_INTERNAL_ERROR",
-    "GO_AWAY_NORMAL",
-    "GO_AWAY_PROTOCOL_ERROR",
-    "HEADER_SIZE",
-    "INITIAL_STREAM_WINDOW",
-    "PROTO_VERSION",
-    "TYPE_DATA",
-    "TYPE_GO_AWAY",
-    "TYPE_PING",
-    "TYPE_WINDOW_UPDATE",
-    "Header",
-    "KeepaliveTimeoutError",
-    "RemoteGoAwayError",
-    "RemoteSessionError",
-    "SessionClosedError",
-    "SessionShutdownError",
-    "StreamCloseTimeoutError",
-    "StreamOpenTimeoutError",
-    "StreamResetError",
-    "StreamsExhaustedError",
-    "YamuxError",
-    "YamuxProtocolError",
-    "YamuxSession",
-    "YamuxStream",
-    "YamuxTimeoutError",
-    "decodeHeader",
-    "encodeHeader",
-]
+from coderagent.coderd.yamuxframe import (
+    FLAG_ACK,
+    FLAG_FIN,
+    FLAG_RST,
+    FLAG_SYN,
+    GO_AWAY_NORMAL,
+    GO_AWAY_PROTOCOL_ERROR,
+    HEADER,
+    HEADER_SIZE,
+    INITIAL_STREAM_WINDOW,
+    PROTO_VERSION,
+    TYPE_DATA,
+    TYPE_GO_AWAY,
+    TYPE_PING,
+    TYPE_WINDOW_UPDATE,
+    KeepaliveTimeoutError,
+    RemoteGoAwayError,
+    RemoteSessionError,
+    SessionClosedError,
+    SessionShutdownError,
+    StreamCloseTimeoutError,
+    StreamOpenTimeoutError,
+    StreamResetError,
+    StreamsExhaustedError,
+    YamuxProtocolError,
+    YamuxTimeoutError,
+)
+
+__all__ = ["YamuxSession", "YamuxStream"]
 
 _log = Logger()
 
-# --- wire constants (hashicorp/yamux const.go, spec.md) ---------------------
-
-PROTO_VERSION = 0
-
-TYPE_DATA = 0
-TYPE_WINDOW_UPDATE = 1
-TYPE_PING = 2
-TYPE_GO_AWAY = 3
-
-FLAG_SYN = 1
-FLAG_ACK = 2
-FLAG_FIN = 4
-FLAG_RST = 8
-
-GO_AWAY_NORMAL = 0
-GO_AWAY_PROTOCOL_ERROR = 1
-GO_AWAY_INTERNAL_ERROR = 2
-
-HEADER_SIZE = 12
-
-#: Both ends assume this send window for a new stream, whatever their maximum.
-INITIAL_STREAM_WINDOW = 256 * 1024
-
 _MAX_STREAM_ID = 0xFFFFFFFF - 1  # Go refuses to allocate ids >= MaxUint32-1
 
-_HEADER = struct.Struct(">BBHII")
-_pack = _HEADER.pack
+_pack = HEADER.pack
 
 # Stream states, numbered as in Go's stream.go.  Order matters: everything
 # from _REMOTE_CLOSE on has seen the peer's FIN or is dead.
@@ -134,106 +106,6 @@ _LOCAL_CLOSE = 4
 _REMOTE_CLOSE = 5
 _CLOSED = 6
 _RESET = 7
-
-
-class Header(NamedTuple):
-    """One decoded 12-byte yamux header."""
-
-    version: int
-    type: int
-    flags: int
-    streamID: int
-    length: int
-
-
-def encodeHeader(msgType: int, flags: int, streamID: int, length: int) -> bytes:
-    """The 12 bytes Go's ``header.encode`` writes (version is always 0)."""
-    return _pack(PROTO_VERSION, msgType, flags, streamID, length)
-
-
-def decodeHeader(data: bytes | bytearray | memoryview, offset: int = 0) -> Header:
-    """Decode the header at ``offset``; raises ``struct.error`` if short."""
-    return Header(*_HEADER.unpack_from(data, offset))
-
-
-# --- errors ------------------------------------------------------------------
-
-
-class YamuxError(Exception):
-    """Base of the session-level yamux errors."""
-
-
-class YamuxProtocolError(YamuxError):
-    """The peer broke the protocol; we closed the session (after GoAway(1) where Go sends one)."""
-
-
-class RemoteGoAwayError(YamuxError):
-    """The peer sent GoAway(normal): it accepts no new streams.  Go's ErrRemoteGoAway text."""
-
-    def __init__(self) -> None:
-        super().__init__("remote end is not accepting connections")
-
-
-class SessionShutdownError(YamuxError):
-    """The session is closed.  Go's ErrSessionShutdown text."""
-
-    def __init__(self, detail: str = "") -> None:
-        super().__init__("session shutdown" + (f": {detail}" if detail else ""))
-
-
-class StreamsExhaustedError(YamuxError):
-    """No stream ids are left on this session."""
-
-    def __init__(self) -> None:
-        super().__init__("streams exhausted")
-
-
-class YamuxTimeoutError(YamuxError):
-    """A ping got no answer within ConnectionWriteTimeout.  Go's ErrTimeout text."""
-
-    def __init__(self) -> None:
-        super().__init__("i/o deadline reached")
-
-
-class KeepaliveTimeoutError(YamuxError):
-    """A keep-alive ping went unanswered; the session was closed."""
-
-    def __init__(self) -> None:
-        super().__init__("keepalive timeout")
-
-
-class StreamOpenTimeoutError(YamuxError):
-    """A stream we opened was not ACKed in time; Go closes the whole session for this."""
-
-
-class RemoteSessionError(YamuxError):
-    """The peer sent a GoAway with an error code; the session is closed."""
-
-    def __init__(self, code: int) -> None:
-        text = {
-            GO_AWAY_PROTOCOL_ERROR: "yamux protocol error",
-            GO_AWAY_INTERNAL_ERROR: "remote yamux internal error",
-        }.get(code, "unexpected go away received")
-        super().__init__(f"{text} (GoAway code {code})")
-        self.code = code
-
-
-class StreamResetError(error.ConnectionLost):
-    """The peer reset the stream (RST), e.g. its accept backlog was full or it had gone away."""
-
-    MESSAGE = "yamux stream reset by the peer (connection reset)"
-
-
-class StreamCloseTimeoutError(error.ConnectionLost):
-    """We half-closed the stream and the peer never closed its side; we reset it."""
-
-    MESSAGE = "yamux stream reset: the peer did not close its side in time"
-
-
-class SessionClosedError(error.ConnectionLost):
-    """The yamux session under the stream ended; the argument says why."""
-
-    MESSAGE = "yamux session closed"
 
 
 # --- streams -----------------------------------------------------------------
@@ -919,10 +791,10 @@ class YamuxSession(Protocol):
                 if len(hdrBuf) < HEADER_SIZE:
                     return
                 pos += need
-                version, msgType, flags, streamID, length = _HEADER.unpack(hdrBuf)
+                version, msgType, flags, streamID, length = HEADER.unpack(hdrBuf)
                 hdrBuf.clear()
             elif end - pos >= HEADER_SIZE:
-                version, msgType, flags, streamID, length = _HEADER.unpack_from(data, pos)
+                version, msgType, flags, streamID, length = HEADER.unpack_from(data, pos)
                 pos += HEADER_SIZE
             else:
                 hdrBuf += data[pos:]
