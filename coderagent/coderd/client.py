@@ -17,7 +17,7 @@ a fraction of a second, not 10 s.
 after its timeout: a call never hangs, and the caller decides whether to
 retry (the boundary log forwarder does, a lifecycle report does).
 
-Services that talk to coderd (the lifecycle reporter, later the boundary log
+Services that talk to coderd (the lifecycle reporter, the boundary log
 forwarder) are children of the client: they are stopped *before* the
 connection is, so that a graceful shutdown can still report.
 """

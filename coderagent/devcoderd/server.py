@@ -5,7 +5,8 @@ the same WebSocket upgrade (token checked, 401 otherwise), yamux as the
 server, one DRPC connection per stream, and the Agent RPCs the agent uses,
 answered from a manifest and recorded.  Every boundary audit log is written
 to stderr the way coderd writes it (``coderd.agentrpc: boundary_request
-owner=…``, reference §5), so what reaches "coderd" can be read off its log.
+owner=…``, the line coderd's ``agentapi`` logs per boundary log), so what
+reaches "coderd" can be read off its log.
 
 Nothing here is used by the agent itself.
 """
