@@ -1297,3 +1297,53 @@ def test_over_yamux_back_to_back_many_calls() -> None:
         pump()
         assert outcome(d) == b"call %d" % i
     assert client.numStreams == 0 and server.numStreams == 0
+
+
+def _pumpRecording(
+    client: YamuxSession, ct: StringTransport, server: YamuxSession, st: StringTransport
+) -> list[tuple[str, int, int, int, int]]:
+    """Move bytes both ways until both sides are quiet; every yamux frame that crossed,
+    in wire order, as (direction, type, flags, stream id, length)."""
+    frames = []
+    while True:
+        c, s = take(ct), take(st)
+        if not c and not s:
+            return frames
+        for direction, chunk, receiver in (("c2s", c, server), ("s2c", s, client)):
+            pos = 0
+            while pos < len(chunk):  # every write of a session is whole frames
+                _, msgType, flags, sid, length = struct.unpack_from(">BBHII", chunk, pos)
+                frames.append((direction, msgType, flags, sid, length))
+                pos += 12 + (length if msgType == 0 else 0)
+            if chunk:
+                receiver.dataReceived(chunk)
+
+
+def test_over_yamux_a_refused_request_gets_no_credit_after_the_servers_fin() -> None:
+    """A 5 MiB request is over the 4 MiB limit: the server's drpc closes its stream (FIN)
+    and, like Go's drpc, whose reader stops there, reads nothing more, so the client is
+    credited no more window.  A window update after that FIN could reach a Go client
+    after it FIN'd in turn and forgot the stream ("frame for missing stream").  The
+    client, told EOF, drops the rest of its request and FINs at once, as Go's Close
+    abandons a Write still waiting for window."""
+    client, ct = yamuxSession(True)
+    server, st = yamuxSession(
+        False, onStream=lambda s: s.attach(DRPCServerProtocol({METHOD: echo}))
+    )
+    stream = client.openStream()
+    proto = DRPCClientProtocol()
+    stream.attach(proto)
+    d = proto.invoke(METHOD, b"x" * (5 * MIB))
+    d.addBoth(lambda r: (stream.loseConnection(), r)[1])
+    frames = _pumpRecording(client, ct, server, st)
+    failureOf(d, DRPCConnectionLost)
+    serverFin = frames.index(("s2c", 1, 4, 1, 0))
+    clientFin = frames.index(("c2s", 1, 4, 1, 0))
+    assert serverFin < clientFin
+    assert [f for f in frames[serverFin + 1 :] if f[0] == "s2c"] == []
+    assert frames[clientFin + 1 :] == []
+    assert client.numStreams == 0 and server.numStreams == 0
+    # The client sent what it was credited before that FIN, not its whole request.
+    sent = sum(f[4] for f in frames if f[:2] == ("c2s", 0))
+    credited = sum(f[4] for f in frames if f[:2] == ("s2c", 1) and f[3] == 1)
+    assert sent == 256 * 1024 + credited < 5 * MIB

@@ -1153,6 +1153,64 @@ def test_eof_closes_a_protocol_that_cannot_half_close() -> None:
     assert pair.server.numStreams == 0
 
 
+def test_a_protocol_that_cannot_half_close_reads_nothing_after_closing() -> None:
+    """As with TCP (and Go's drpc, whose reader stops once it closed its stream): no
+    delivery and no credit after loseConnection, so the peer stops after one window and
+    no window update can follow our FIN; the close timeout then resets the stream."""
+    pair = Pair(serverProtocol=PlainRecorder)
+    stream, proto = pair.open()
+    stream.write(b"before")
+    pair.pump()
+    serverStream, serverProto = pair.accepted[0], pair.serverProtocols[0]
+    serverStream.loseConnection()
+    stream.write(random.Random(3).randbytes(1024 * 1024))
+    pair.pump()
+    assert serverProto.data == b"before" and serverProto.events == ["made"]
+    assert proto.events == ["made", "eof"]
+    assert pair.tracker.dataBytes["c2s"] == WINDOW  # the first window, then nothing
+    assert [f[:3] for f in pair.tracker.frames["s2c"]] == [
+        (TYPE_WINDOW_UPDATE, FLAG_ACK, 1),
+        (TYPE_WINDOW_UPDATE, FLAG_FIN, 1),
+    ]
+    pair.clock.advance(300)
+    pair.pump()
+    assert serverProto.events == ["made", "lost"]
+    assert serverProto.reason.check(StreamCloseTimeoutError)
+    assert proto.events == ["made", "eof", "lost"]
+    assert proto.reason.check(StreamResetError)
+    assert pair.client.numStreams == 0 and pair.server.numStreams == 0
+
+
+def test_eof_drops_what_a_protocol_that_cannot_half_close_had_queued() -> None:
+    """The peer's FIN ends such a protocol at once, as with TCP: its unsent data is
+    dropped and our FIN goes now, not after a window the peer may never credit."""
+    payload = random.Random(4).randbytes(1024 * 1024)
+
+    class Answering(PlainRecorder):
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            assert self.transport is not None
+            self.transport.write(payload)
+
+    pair = Pair(serverProtocol=Answering)
+    stream, proto = pair.open()
+    stream.pauseProducing()  # we credit nothing: one window arrives, the rest stays queued
+    pair.pump()
+    assert pair.tracker.dataBytes["s2c"] == WINDOW
+    stream.loseConnection()
+    pair.pump()
+    serverProto = pair.serverProtocols[0]
+    assert serverProto.events == ["made", "lost"]
+    assert serverProto.reason.check(error.ConnectionDone)
+    stream.resumeProducing()
+    pair.pump()
+    assert bytes(proto.data) == payload[:WINDOW]
+    assert proto.events == ["made", "eof", "lost"]
+    assert pair.tracker.dataBytes["s2c"] == WINDOW
+    assert [f[:3] for f in pair.tracker.frames["s2c"]][-1] == (TYPE_WINDOW_UPDATE, FLAG_FIN, 1)
+    assert pair.client.numStreams == 0 and pair.server.numStreams == 0
+
+
 def test_reset() -> None:
     pair = Pair()
     stream, proto = pair.open()

@@ -14,14 +14,18 @@ The conversation, and the Go details that matter:
 * Each sender numbers its packets per stream from 1; a client's streams are
   numbered from 1 per connection, each one the previous + 1.
 * Unary call: the client sends [InvokeMetadata], Invoke, Message, CloseSend,
-  all in one write (the writer flushes only on CloseSend).
-  The server answers Message then CloseSend (an empty response is a
-  zero-length Message; only a nil one is CloseSend alone, which the client
-  reports as EOF), or an Error whose body is an 8-byte big-endian code and the
-  text.  After a Message response the Go client sends Close (kind 5, its next
-  message id); ``drpcconn.Invoke`` does so whenever its stream is not yet
-  terminated, which is almost always, so we always do.  No Close follows an
-  Error or a nil response.
+  in one write unless the request is large (the writer flushes only on
+  CloseSend).  The server answers Message then CloseSend (an empty response
+  is a zero-length Message; only a nil one is CloseSend alone, which the
+  client reports as EOF), or an Error whose body is an 8-byte big-endian code
+  and the text.  After a Message response the Go client sends Close (kind 5,
+  its next message id); ``drpcconn.Invoke`` does so whenever its stream is
+  not yet terminated, which is almost always, so we always do.  No Close
+  follows an Error or a nil response.
+* When a connection is finished (a protocol error, a cancelled call), Go's
+  manager closes the transport and its reader stops.  Our protocols cannot
+  half-close, so a yamux stream they close reads nothing more either: the
+  peer is credited no more window, as with Go.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ __all__ = [
 _log = Logger()
 
 
-# --- what a call fails with (besides drpcwire's DRPCError and ProtocolError) --------
+# --- what a call fails with (and drpcwire's DRPCError and ProtocolError, re-exported) -
+
 
 class DRPCEOFError(EOFError):
     """The server closed the stream without a response (Go's ``io.EOF``).
@@ -103,6 +108,10 @@ class DRPCProtocol(Protocol):
     *stall* (the transport is paused and input buffered); one that cannot end
     in Go (it would need the reader itself to move on) makes us discard all
     further input, where Go simply stops reading.
+
+    Subclasses handle each packet in ``_dispatch`` and a broken connection in
+    ``_fatal``.  They do not provide ``IHalfCloseableProtocol``: like Go's
+    manager, a connection that closes its transport reads nothing more.
     """
 
     def __init__(self, maxBufferSize: int, splitSize: int) -> None:
@@ -176,6 +185,7 @@ class DRPCProtocol(Protocol):
             cast(IPushProducer, transport).resumeProducing()
 
     def _loseConnection(self) -> None:
+        """Close the transport; a yamux stream then credits the peer no more window."""
         if self.transport is not None:
             self.transport.loseConnection()
 

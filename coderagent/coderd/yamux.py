@@ -20,7 +20,14 @@ What Go does, and therefore what we do:
 * At most ``AcceptBacklog`` (256) of our SYNs may be un-ACKed; further opens
   wait.  An incoming stream beyond an unaccepted backlog of 256 is RST.
 * A frame for an unknown stream is ignored (its payload skipped): that is how a
-  Data frame arriving after the stream's FIN is dropped.
+  Data frame arriving after the stream's FIN is dropped.  Go logs "frame for
+  missing stream" for a WindowUpdate it gets after both FINs; Go's drpc never
+  causes one, because its reader stops once it closed the stream.  Hence a
+  protocol that cannot half-close (drpc, here) reads nothing after
+  ``loseConnection``, as with TCP, and its peer is credited no more window;
+  and when the peer's FIN ends such a protocol, what it had queued is
+  dropped and our FIN goes at once, as Go's ``Close`` abandons a ``Write``
+  still waiting for window.
 * Protocol violations (window overrun, duplicate SYN, unexpected FIN) answer
   ``GoAway(1)`` and close the connection; ``Close()`` itself sends no GoAway.
 * A keep-alive ping goes out every 30 s; one unanswered for 10 s
@@ -138,6 +145,7 @@ class YamuxStream:
         self._recvBuf: deque[bytes] = deque()
         self._recvBuffered = 0
         self._readPaused = False
+        self._readStopped = False  # the protocol reads nothing more: no delivery, no credit
         self._finPending = False  # peer's FIN seen, not yet given to the protocol
         self._eofDelivered = False
         self._delivering = False
@@ -210,16 +218,21 @@ class YamuxStream:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
-        """Half-close: send FIN once the queued data is out.
+        """Send FIN once the queued data is out; ``connectionLost`` once the peer FINs too.
 
-        The protocol keeps receiving until the peer FINs too, then gets
-        ``connectionLost(ConnectionDone)``.
+        A protocol providing ``IHalfCloseableProtocol`` keeps receiving until
+        then (a half-close).  Any other reads nothing more, as with a TCP
+        transport: what arrives is dropped and the peer is credited no more
+        window, so it stops sending.
         """
         if self._closing:
             return
         self._closing = True
         self._finRequested = True
         self.disconnecting = True
+        protocol = self._protocol
+        if protocol is not None and IHalfCloseableProtocol(protocol, None) is None:
+            self._stopReading()
         self._flush()
 
     def abortConnection(self) -> None:
@@ -396,13 +409,21 @@ class YamuxStream:
 
     def _maybeCredit(self) -> None:
         state = self._state
-        if self._readPaused or self._protocol is None or state >= _CLOSED or state == _INIT:
+        if self._readPaused or self._readStopped or self._protocol is None:
+            return
+        if state >= _CLOSED or state == _INIT:
             return  # (an unannounced stream's first frame must be Go's SYN, from _announce)
         self._sendWindowUpdate()
 
+    def _stopReading(self) -> None:
+        """The protocol will read nothing more: drop what is kept for it, credit no more."""
+        self._readStopped = True
+        self._recvBuf.clear()
+        self._recvBuffered = 0
+
     def _dataArrived(self, chunk: bytes) -> None:
-        if self._state >= _REMOTE_CLOSE or self._finPending:
-            return  # after the peer's FIN, or dead: dropped, as Go never reads it
+        if self._state >= _REMOTE_CLOSE or self._finPending or self._readStopped:
+            return  # after the peer's FIN, dead, or nobody reads: dropped, as Go never reads it
         self._recvBuf.append(chunk)
         self._recvBuffered += len(chunk)
         self._drive()
@@ -456,6 +477,15 @@ class YamuxStream:
         protocol = self._protocol
         if protocol is None or self._delivering or self._lostDelivered:
             return
+        if self._readStopped:
+            # Nothing is delivered any more: the peer's FIN only completes the close.
+            if self._finPending:
+                self._finPending = False
+                self._eofDelivered = True
+                self._closeAtEOF()
+            if self._state == _CLOSED and self._eofDelivered:
+                self._deliverLost(Failure(error.ConnectionDone()))
+            return
         self._delivering = True
         try:
             buf = self._recvBuf
@@ -476,9 +506,8 @@ class YamuxStream:
                 self._eofDelivered = True
                 halfCloseable = IHalfCloseableProtocol(protocol, None)
                 if halfCloseable is None:
-                    # Like a TCP transport: EOF ends a protocol that cannot
-                    # half-close.  Our FIN still follows any queued data.
-                    self.loseConnection()
+                    # Like a TCP transport: EOF ends a protocol that cannot half-close.
+                    self._closeAtEOF()
                     self._deliverLost(Failure(error.ConnectionDone()))
                     return
                 try:
@@ -492,6 +521,21 @@ class YamuxStream:
             self._delivering = False
 
     # -- endings ----------------------------------------------------------------
+
+    def _closeAtEOF(self) -> None:
+        """The peer's FIN ends a protocol that cannot half-close: FIN now, unsent data dropped.
+
+        As TCP drops a closed connection's buffer, and as Go's drpc, whose
+        ``Close`` abandons a ``Write`` still waiting for window: a peer that
+        stopped crediting us would otherwise never see our FIN.
+        """
+        self._pending.clear()
+        self._pendingBytes = 0
+        self._closing = True
+        self._finRequested = True
+        self.disconnecting = True
+        self._stopReading()
+        self._flush()
 
     def _deliverLost(self, reason: Failure) -> None:
         if self._lostDelivered:
