@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from coderagent.coderd.headers import validHeaderName, validHeaderValue
 from coderagent.policy import BLOCKED_FILE_TRANSFER_COMMANDS
 
 __all__ = [
@@ -222,9 +223,10 @@ def _isPort(text: str) -> bool:
 def _parseAddress(text: str) -> str:
     """``host:port`` as Go's net.SplitHostPort reads it, or empty for "disabled".
 
-    The servers behind these options are not all written yet, but a typo in a
-    template should fail now rather than on the day they are.  The host may be
-    empty (all interfaces) or an IPv6 literal in brackets.
+    Checked when the options are read, so that a typo in a template stops the
+    agent at start-up, with the option named, rather than when its server
+    binds.  The host may be empty (all interfaces) or an IPv6 literal in
+    brackets.
     """
     if text == "":
         return text
@@ -249,17 +251,14 @@ def _parseAddress(text: str) -> str:
     return text
 
 
-#: Characters of an HTTP header name (RFC 9110 "token").
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
 def _parseHeaders(text: str) -> list[tuple[str, str]]:
     """Comma-separated ``key=value`` items, as serpent's StringArray reads them.
 
     Upstream splits every occurrence (flag or variable) as one CSV record, so
     an item containing a comma is written in double quotes.  Each item must
     have a non-empty header name before its ``=``; a header that could never
-    be sent is better refused at start-up than by every coderd request later.
+    be sent (Go's net/http rule, :func:`~coderagent.coderd.headers.validHeaderName`)
+    is better refused at start-up than by every coderd request later.
     """
     if text == "":
         return []
@@ -275,10 +274,15 @@ def _parseHeaders(text: str) -> list[tuple[str, str]]:
     headers = []
     for item in items:
         key, equals, value = item.partition("=")
-        if not equals or not _HEADER_NAME.fullmatch(key) or "\0" in value:
+        if not equals or not validHeaderName(key):
             raise ValueError(
                 f"invalid header {_quote(item)} "
                 "(expected key=value with a non-empty HTTP header name as key)"
+            )
+        if not validHeaderValue(value):
+            raise ValueError(
+                f"invalid header {_quote(item)} "
+                "(control characters other than tab are not allowed in a header value)"
             )
         headers.append((key, value))
     return headers

@@ -5,10 +5,12 @@
 The server half is coderd-dev's own code (``coderagent.devcoderd``), which the
 golden vectors tie to Go's bytes at the yamux and DRPC layers; here the whole
 stack runs end to end: upgrade, token, headers, calls, reconnects, timeouts.
+Where the point is timing, the same stack runs in memory on a ``task.Clock``.
 """
 
 from __future__ import annotations
 
+import io
 import uuid
 from typing import Any
 
@@ -17,14 +19,15 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.logger import globalLogPublisher
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.test import iosim
 from zope.interface import implementer
 
 from coderagent.coderd.client import CoderdClient, CoderdUnavailable, retryDelay
 from coderagent.coderd.drpc import DRPCError
-from coderagent.coderd.lifecycle import Reporter
-from coderagent.devcoderd.server import Workspace
+from coderagent.coderd.lifecycle import SHUTDOWN_REPORT_TIMEOUT, Reporter
+from coderagent.devcoderd.server import DevAgentAPI, DevCoderdFactory, Workspace
 from coderagent.pb import agent_pb2
 from tests.localcoderd import TOKEN, Coderd
 
@@ -245,6 +248,69 @@ async def test_the_reporter_reports_every_transition_once_in_order() -> None:
         await stopped(c)  # stops the reporter first: SHUTTING_DOWN, OFF
         await server.stop()
     assert server.api.lifecycle == [State.STARTING, State.READY, State.SHUTTING_DOWN, State.OFF]
+
+
+@implementer(IStreamClientEndpoint)
+class Loopback:
+    """Connects to coderd-dev's factory in memory; bytes move only when the test pumps."""
+
+    def __init__(self, server: DevCoderdFactory, clock: task.Clock) -> None:
+        self.server = server
+        self.clock = clock
+        self.pumps: list[iosim.IOPump] = []
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        client = factory.buildProtocol(None)
+        server = self.server.buildProtocol(None)
+        assert client is not None
+        self.pumps.append(
+            iosim.connect(
+                server,
+                iosim.makeFakeServer(server),
+                client,
+                iosim.makeFakeClient(client),
+                greet=False,
+                clock=self.clock,
+            )
+        )
+        return defer.succeed(client)
+
+
+def test_a_stop_during_a_report_on_its_way_waits_only_the_shutdown_timeout() -> None:
+    """SIGTERM while a lifecycle report is unanswered: stopping gives up after 5 s,
+    not after the 30 s the report on its way was allowed."""
+    clock = task.Clock()
+    api = DevAgentAPI(Workspace(), out=io.StringIO())
+    loopback = Loopback(DevCoderdFactory(api, TOKEN, clock), clock)
+    c = CoderdClient(url="http://coderd.test", token=TOKEN, reactor=clock, transport=loopback)
+    reporter = Reporter(c, {"HOME": "/home/coder"}, clock)
+    reporter.setServiceParent(c)
+    warnings: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "coderagent.coderd.lifecycle":
+            warnings.append(formatEvent(event))
+
+    c.startService()
+    [pump] = loopback.pumps
+    while api.startup is None:
+        assert pump.pump()
+    pump.pump()  # the agent learns its startup was taken and sends STARTING; coderd is silent
+    assert api.lifecycle == [] and reporter.reportedState == "CREATED"
+    globalLogPublisher.addObserver(observe)
+    try:
+        stopping = c.stopService()
+        clock.advance(SHUTDOWN_REPORT_TIMEOUT - 1)
+        assert warnings == []
+        clock.advance(1)
+        assert warnings == [
+            "could not report shutdown to coderd: "
+            "UpdateLifecycle: no answer from coderd within 5s"
+        ]
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    pump.flush()  # the connection closes
+    assert stopping.called
 
 
 def failedAttempts(n: int) -> defer.Deferred[None]:

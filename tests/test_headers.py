@@ -15,6 +15,8 @@ from coderagent.coderd.headers import (
     dialHeaders,
     parseHeaderLines,
     runHeaderCommand,
+    validHeaderName,
+    validHeaderValue,
 )
 
 URL = "https://coder.example.com"
@@ -55,6 +57,36 @@ def test_header_lines_that_could_not_be_sent_are_refused() -> None:
         parseHeaderLines("A=1\n\n")
     with pytest.raises(HeaderCommandError, match="not a valid HTTP header"):
         parseHeaderLines("Bad Name=1\n")
+
+
+#: Every ASCII character httpguts.ValidHeaderFieldName accepts (RFC 7230 tchar).
+TCHAR = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def test_header_names_are_what_gos_net_http_sends() -> None:
+    assert validHeaderName(TCHAR)
+    assert [chr(c) for c in range(128) if validHeaderName(chr(c))] == sorted(TCHAR)
+    assert not validHeaderName("")
+    for name in ("X Y", "X:Y", "X(Y)", "X/Y", "X=Y", 'X"Y', "Ünicode", "X\nY", "X\0"):
+        assert not validHeaderName(name), name
+
+
+def test_header_values_are_what_gos_net_http_sends() -> None:
+    assert validHeaderValue("")
+    assert validHeaderValue("a b\tc \"quoted\" (x) = y; é ✓")
+    refused = [c for c in range(256) if not validHeaderValue(chr(c))]
+    assert refused == [*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F]
+
+
+def test_header_lines_end_at_newline_only_as_go_reads_them() -> None:
+    assert parseHeaderLines("A=1\r\nB=2") == [("A", "1"), ("B", "2")]
+    assert parseHeaderLines("") == []
+    with pytest.raises(HeaderCommandError) as e:
+        parseHeaderLines("A=1\x0cB=2\n")  # one line to Go: a form feed in the value
+    assert str(e.value) == 'header "A=1\\fB=2" is not a valid HTTP header'
+    with pytest.raises(HeaderCommandError) as e:
+        parseHeaderLines("X(Y)=1\n")
+    assert str(e.value) == 'header "X(Y)=1" is not a valid HTTP header'
 
 
 def test_the_token_goes_in_the_cookie_and_the_header() -> None:

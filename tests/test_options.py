@@ -342,6 +342,12 @@ def test_bad_cli_value_wins_over_good_env_and_vice_versa() -> None:
             'invalid header list "A=1\\nB=2" (line breaks are not allowed)',
         ),
         (
+            "CODER_AGENT_HEADER",
+            "A=1\x01",
+            'invalid header "A=1\\u0001" '
+            "(control characters other than tab are not allowed in a header value)",
+        ),
+        (
             "CODER_AGENT_SSH_ENDPOINT",
             "foo:1",
             "invalid endpoint \"foo:1\" (Unknown endpoint type: 'foo'; expected a Twisted "

@@ -2,8 +2,8 @@
 
 coderd decodes what we send by field number and routes DRPC calls by method name, so
 the expectations below are transcribed from upstream coder/coder
-(``agent/proto/agent.proto``, ``agent/boundarylogproxy/codec/boundary.proto``) and
-from the reference, independently of ``proto/coderagent/pb/*.proto``: if someone edits
+(``agent/proto/agent.proto``, ``agent/boundarylogproxy/codec/boundary.proto``),
+independently of ``proto/coderagent/pb/*.proto``: if someone edits
 the .proto and regenerates, these tests say whether the wire contract still holds.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import configparser
 import hashlib
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +21,9 @@ from google.protobuf import descriptor_pb2, duration_pb2, empty_pb2, json_format
 from google.protobuf.message import Message
 
 from coderagent.pb import agent_pb2, boundary_pb2
+from tests.vectors import load
 
 ROOT = Path(__file__).resolve().parent.parent
-PAYLOADS = ROOT / "tests" / "golden" / "payloads.json"
 
 AGENT_PKG = "coder.agent.v2"
 BOUNDARY_PKG = "coder.boundarylogproxy.codec.v1"
@@ -162,10 +161,8 @@ def drpc_method_names() -> dict[str, tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def payloads() -> dict[str, Any]:
-    if not PAYLOADS.exists():
-        pytest.skip(f"{PAYLOADS} not present")
-    data: dict[str, Any] = json.loads(PAYLOADS.read_text())
-    return data
+    """The checked-in Go encodings; a missing file fails the tests, never skips them."""
+    return load("payloads")
 
 
 # ---------------------------------------------------------------------------
@@ -676,7 +673,7 @@ def test_boundary_envelope_roundtrip() -> None:
 
 
 # ---------------------------------------------------------------------------
-# the Go-encoded vectors in shared/vectors/payloads.json
+# the Go-encoded vectors in tests/golden/payloads.json
 # ---------------------------------------------------------------------------
 
 

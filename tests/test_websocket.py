@@ -33,8 +33,8 @@ from coderagent.coderd.websocket import (
     HandshakeFailed,
     HandshakeRejected,
     WebSocketClientEndpoint,
-    WebSocketServerProtocol,
 )
+from coderagent.devcoderd.websocketserver import WebSocketServerProtocol
 
 TIMEOUT = 10
 

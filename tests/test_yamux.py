@@ -1,7 +1,7 @@
 """coderagent.coderd.yamux against hashicorp/yamux: the spec, Go's recorded bytes, and behaviour.
 
 Expected bytes come from the yamux spec (written out by hand below) and from the
-streams recorded from the real Go library (``shared/vectors``), never from our
+streams recorded from the real Go library (``tests/golden``), never from our
 own encoder.  Behaviour tests run two of our sessions against each other through
 an in-memory pump driven by a ``task.Clock``: no sockets, no sleeps.
 """
@@ -24,7 +24,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from coderagent.coderd.yamux import (
+from coderagent.coderd.yamux import YamuxSession, YamuxStream
+from coderagent.coderd.yamuxframe import (
     FLAG_ACK,
     FLAG_FIN,
     FLAG_RST,
@@ -43,8 +44,6 @@ from coderagent.coderd.yamux import (
     StreamOpenTimeoutError,
     StreamResetError,
     YamuxProtocolError,
-    YamuxSession,
-    YamuxStream,
     YamuxTimeoutError,
     decodeHeader,
     encodeHeader,
@@ -170,8 +169,9 @@ def parseFrames(stream: bytes) -> list[tuple[int, int, int, int, bytes]]:
 
 
 def structure(stream: bytes) -> tuple[list[tuple[int, int, int, int, bytes]], int]:
-    """README §3.4: every frame except flagless window updates, in order, plus how many
-    flagless window updates there were (their deltas are race-dependent)."""
+    """The structural comparison of tests/golden/README.md: every frame except flagless
+    window updates, in order, plus how many flagless window updates there were (their
+    deltas are race-dependent)."""
     frames = parseFrames(stream)
     fixed = [f for f in frames if not (f[0] == 1 and f[1] == 0)]
     return fixed, len(frames) - len(fixed)
@@ -512,7 +512,7 @@ def test_vector_drpc_over_yamux_server(chunk: int | None) -> None:
 
 @pytest.mark.parametrize("index", range(len(variants("drpc_over_yamux"))))
 def test_vector_drpc_over_yamux_every_go_variant_accepted(index: int) -> None:
-    """README §3.5/§5.3: every observed server stream is legal, including a Data frame
+    """Every observed server stream is legal Go output, including one with a Data frame
     after the FIN, which must be dropped silently (no GoAway, nothing delivered)."""
     vector = load("drpc_over_yamux")
     variant = variants("drpc_over_yamux")[index]
@@ -572,8 +572,9 @@ def _largeVariant(direction: str, summaryPart: str) -> dict[str, Any]:
 @pytest.mark.parametrize("chunk", [None, 1000, 4099])
 def test_vector_drpc_over_yamux_large_client(chunk: int | None) -> None:
     """150 000-byte echo: window updates appear once half the window is consumed.
-    Compared structurally (README §3.4) and, since our credit is per whole frame, byte
-    for byte with the Go variant that credited after two frames (+131084)."""
+    Compared structurally (window-update deltas vary between Go runs) and, since our
+    credit is per whole frame, byte for byte with the Go variant that credited after two
+    frames (+131084)."""
     vector = load("drpc_over_yamux_large")
     c2s, s2c = canonicalStreams("drpc_over_yamux_large")
     client, t, _ = session(True)
@@ -1152,6 +1153,64 @@ def test_eof_closes_a_protocol_that_cannot_half_close() -> None:
     assert pair.server.numStreams == 0
 
 
+def test_a_protocol_that_cannot_half_close_reads_nothing_after_closing() -> None:
+    """As with TCP (and Go's drpc, whose reader stops once it closed its stream): no
+    delivery and no credit after loseConnection, so the peer stops after one window and
+    no window update can follow our FIN; the close timeout then resets the stream."""
+    pair = Pair(serverProtocol=PlainRecorder)
+    stream, proto = pair.open()
+    stream.write(b"before")
+    pair.pump()
+    serverStream, serverProto = pair.accepted[0], pair.serverProtocols[0]
+    serverStream.loseConnection()
+    stream.write(random.Random(3).randbytes(1024 * 1024))
+    pair.pump()
+    assert serverProto.data == b"before" and serverProto.events == ["made"]
+    assert proto.events == ["made", "eof"]
+    assert pair.tracker.dataBytes["c2s"] == WINDOW  # the first window, then nothing
+    assert [f[:3] for f in pair.tracker.frames["s2c"]] == [
+        (TYPE_WINDOW_UPDATE, FLAG_ACK, 1),
+        (TYPE_WINDOW_UPDATE, FLAG_FIN, 1),
+    ]
+    pair.clock.advance(300)
+    pair.pump()
+    assert serverProto.events == ["made", "lost"]
+    assert serverProto.reason.check(StreamCloseTimeoutError)
+    assert proto.events == ["made", "eof", "lost"]
+    assert proto.reason.check(StreamResetError)
+    assert pair.client.numStreams == 0 and pair.server.numStreams == 0
+
+
+def test_eof_drops_what_a_protocol_that_cannot_half_close_had_queued() -> None:
+    """The peer's FIN ends such a protocol at once, as with TCP: its unsent data is
+    dropped and our FIN goes now, not after a window the peer may never credit."""
+    payload = random.Random(4).randbytes(1024 * 1024)
+
+    class Answering(PlainRecorder):
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            assert self.transport is not None
+            self.transport.write(payload)
+
+    pair = Pair(serverProtocol=Answering)
+    stream, proto = pair.open()
+    stream.pauseProducing()  # we credit nothing: one window arrives, the rest stays queued
+    pair.pump()
+    assert pair.tracker.dataBytes["s2c"] == WINDOW
+    stream.loseConnection()
+    pair.pump()
+    serverProto = pair.serverProtocols[0]
+    assert serverProto.events == ["made", "lost"]
+    assert serverProto.reason.check(error.ConnectionDone)
+    stream.resumeProducing()
+    pair.pump()
+    assert bytes(proto.data) == payload[:WINDOW]
+    assert proto.events == ["made", "eof", "lost"]
+    assert pair.tracker.dataBytes["s2c"] == WINDOW
+    assert [f[:3] for f in pair.tracker.frames["s2c"]][-1] == (TYPE_WINDOW_UPDATE, FLAG_FIN, 1)
+    assert pair.client.numStreams == 0 and pair.server.numStreams == 0
+
+
 def test_reset() -> None:
     pair = Pair()
     stream, proto = pair.open()
@@ -1253,7 +1312,7 @@ def test_close_sends_no_goaway_and_ends_streams() -> None:
 
 
 def test_data_after_close_is_dropped_between_two_sessions() -> None:
-    """§5.3 reproduced with our own server: a Data frame arrives after both FINs."""
+    """Go's late CloseSend, reproduced with our own server: a Data frame after both FINs."""
     pair = Pair()
     stream, proto = pair.open()
     stream.write(b"q")

@@ -1,4 +1,4 @@
-"""Loader for the golden wire vectors in ``tests/golden`` (copied from ``shared/vectors``).
+"""Loader for the golden wire vectors in ``tests/golden`` (see its README).
 
 The vectors were recorded from the real Go libraries (storj.io/drpc,
 hashicorp/yamux), so tests compare our bytes against them rather than against

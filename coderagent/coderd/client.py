@@ -17,7 +17,7 @@ a fraction of a second, not 10 s.
 after its timeout: a call never hangs, and the caller decides whether to
 retry (the boundary log forwarder does, a lifecycle report does).
 
-Services that talk to coderd (the lifecycle reporter, later the boundary log
+Services that talk to coderd (the lifecycle reporter, the boundary log
 forwarder) are children of the client: they are stopped *before* the
 connection is, so that a graceful shutdown can still report.
 """
@@ -50,7 +50,8 @@ from coderagent.coderd.api import API_VERSION, RPC_PATH, RPCS
 from coderagent.coderd.drpc import DRPCClientProtocol
 from coderagent.coderd.headers import dialHeaders, runHeaderCommand
 from coderagent.coderd.websocket import Headers, WebSocketClientEndpoint
-from coderagent.coderd.yamux import YamuxError, YamuxSession, YamuxStream
+from coderagent.coderd.yamux import YamuxSession, YamuxStream
+from coderagent.coderd.yamuxframe import YamuxError
 
 log = Logger()
 

@@ -8,10 +8,17 @@ header command is how deployments behind an authenticating proxy (Cloudflare
 Access, IAP) hand the agent short-lived credentials, so it is run once per
 connection attempt, not once per process: a credential that expired while
 coderd was unreachable is refreshed by the next attempt.
+
+Upstream adds these headers unchecked, and Go's net/http then refuses every
+request of a header it cannot send.  :func:`validHeaderName` and
+:func:`validHeaderValue` are its rule, the one both the options and the
+header command are checked against, so that such a header is refused once,
+clearly, instead of by every connection attempt.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +36,27 @@ HEADER_COMMAND_TIMEOUT = 30.0
 
 #: Most output accepted from it: headers, not a log.
 MAX_HEADER_OUTPUT = 64 * 1024
+
+#: RFC 7230 ``token``: ASCII letters, digits and ``!#$%&'*+-.^_`|~``.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def validHeaderName(name: str) -> bool:
+    """Whether Go's net/http sends a header called ``name``: a non-empty RFC 7230 token.
+
+    This is ``httpguts.ValidHeaderFieldName``; anything else fails the whole
+    request with "net/http: invalid header field name".
+    """
+    return _TOKEN.fullmatch(name) is not None
+
+
+def validHeaderValue(value: str) -> bool:
+    """Whether Go's net/http sends ``value``: no control character but tab.
+
+    This is ``httpguts.ValidHeaderFieldValue``: bytes from 0x80 up (non-ASCII
+    text) are allowed; NUL, CR, LF, the other C0 controls and DEL are not.
+    """
+    return not any((c < " " and c != "\t") or c == "\x7f" for c in value)
 
 
 class HeaderCommandError(Exception):
@@ -123,13 +151,22 @@ def runHeaderCommand(
 
 
 def parseHeaderLines(output: str) -> list[tuple[str, str]]:
-    """``key=value`` per line, split at the first ``=``; any other line is an error."""
+    """``key=value`` per line, split at the first ``=``; any other line is an error.
+
+    Lines end at ``\n``, a ``\r`` before it dropped, as Go's ``bufio.ScanLines``
+    reads them (not at every Unicode line boundary, as ``str.splitlines``
+    would).  A header Go's net/http could not send is refused here.
+    """
+    lines = output.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the text ended with a newline, or was empty
     headers = []
-    for line in output.splitlines():
+    for line in lines:
+        line = line.removesuffix("\r")
         key, equals, value = line.partition("=")
         if not equals:
             raise HeaderCommandError(f"split header {goQuote(line)} had less than two parts")
-        if not key or any(c in key for c in " \t:\r\n\0") or any(c in value for c in "\r\n\0"):
+        if not validHeaderName(key) or not validHeaderValue(value):
             raise HeaderCommandError(f"header {goQuote(line)} is not a valid HTTP header")
         headers.append((key, value))
     return headers

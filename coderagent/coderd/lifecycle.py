@@ -28,14 +28,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coderagent import __version__
-from coderagent.coderd.client import CoderdClient
+from coderagent.coderd.client import CoderdClient, CoderdUnavailable
 from coderagent.pb import agent_pb2
 
 log = Logger()
 
 State = agent_pb2.Lifecycle.State
 
-#: How long stopping may spend telling coderd (per report).
+#: How long stopping may spend telling coderd, a report already on its way included.
 SHUTDOWN_REPORT_TIMEOUT = 5.0
 
 
@@ -165,13 +165,25 @@ class Reporter(Service):
         """Report what is pending, oldest first; fires when all went, fails at the first error.
 
         A call while reports are on their way waits for those (and for what
-        was added meanwhile, which the same pass sends).
+        was added meanwhile, which the same pass sends).  ``timeout`` bounds
+        this caller's wait either way: a pass already on its way may have been
+        started with a longer one (or none), and stopping must not wait for
+        it.  Giving up does not stop the pass; what it does not deliver is
+        sent again on the next connection.
         """
-        waiter: Deferred[None] = Deferred()
+        waiter: Deferred[None] = Deferred(self._forget)
         if not self._pending and not self._sending:
             waiter.callback(None)
             return waiter
         self._waiters.append(waiter)
+        if timeout is not None:
+
+            def timedOut(result: object, seconds: float) -> Failure:
+                return Failure(
+                    CoderdUnavailable(f"UpdateLifecycle: no answer from coderd within {seconds:g}s")
+                )
+
+            waiter.addTimeout(timeout, self.clock, onTimeoutCancel=timedOut)
         if self._sending:
             return waiter
         self._sending = True
@@ -203,3 +215,7 @@ class Reporter(Service):
         # A failed report stays at the head: the next connection sends it again.
         sendHead()
         return waiter
+
+    def _forget(self, waiter: Deferred[None]) -> None:
+        """A waiter was cancelled (its timeout, or its caller): the pass goes on without it."""
+        self._waiters.remove(waiter)

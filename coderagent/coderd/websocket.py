@@ -1,29 +1,30 @@
-"""A WebSocket as a byte stream, client and server, on Twisted with wsproto.
+"""A WebSocket as a byte stream, on Twisted with wsproto: the agent's side.
 
 coderd serves the agent API at ``/api/v2/workspaceagents/me/rpc`` as a
 WebSocket whose binary messages together form one byte stream (Go's
 ``websocket.NetConn``): message boundaries mean nothing, and yamux runs on
 top.  So this module does no more than that: the HTTP upgrade (with the
-agent's cookie and headers, or a server's accept/reject), then every write
-of the inner protocol becomes one binary message and every received data
-frame, whole or partial, is handed to the inner protocol as it arrives.
+agent's cookie and headers), then every write of the inner protocol becomes
+one binary message and every received data frame, whole or partial, is
+handed to the inner protocol as it arrives.
 
 Why wsproto: it is a sans-I/O protocol engine (RFC 6455 framing, masking,
 the h11-based handshake, close and ping handling) with no opinion about the
-event loop, so the Twisted glue is this one small module and flow control
-stays Twisted's own: the inner protocol's producer is registered directly
+event loop, so the Twisted glue stays small and flow control stays
+Twisted's own: the inner protocol's producer is registered directly
 with the TCP transport.  autobahn would bring its own protocol and factory
 hierarchy, txaio and message-oriented callbacks that buffer whole messages,
 which is the opposite of what a byte stream wants.
 
-:class:`WebSocketClientProtocol` and :class:`WebSocketServerProtocol` each
-wrap one inner :class:`~twisted.internet.interfaces.IProtocol` (a yamux
-session); the inner protocol sees an ordinary transport.
+:class:`WebSocketClientProtocol` wraps one inner
+:class:`~twisted.internet.interfaces.IProtocol` (a yamux session), which sees
+an ordinary transport.  :class:`WebSocketStream` is the part a server shares
+(framing, ping, close); coderd-dev's server protocol builds on it in
+:mod:`coderagent.devcoderd.websocketserver`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -88,7 +89,7 @@ class HandshakeFailed(Exception):
 class _MessageTransport:
     """What the inner protocol writes to: one binary message per write."""
 
-    def __init__(self, outer: _WebSocketStream) -> None:
+    def __init__(self, outer: WebSocketStream) -> None:
         self._outer = outer
 
     def write(self, data: bytes) -> None:
@@ -134,8 +135,12 @@ class _MessageTransport:
         self._outer.transport.stopProducing()
 
 
-class _WebSocketStream(Protocol):
-    """The part client and server share: framing, ping, close, the inner protocol."""
+class WebSocketStream(Protocol):
+    """The part client and server share: framing, ping, close, the inner protocol.
+
+    A subclass sets ``_ws`` (a wsproto connection of its side), handles the
+    upgrade in ``_handshakeEvent`` and calls ``_attach`` once it succeeded.
+    """
 
     transport: Any
     inner: IProtocol | None = None
@@ -231,7 +236,7 @@ class _WebSocketStream(Protocol):
             inner.connectionLost(Failure(error.ConnectionLost(why)) if why else reason)
 
 
-class WebSocketClientProtocol(_WebSocketStream):
+class WebSocketClientProtocol(WebSocketStream):
     """Upgrade to a WebSocket, then carry an inner protocol's bytes in binary messages.
 
     ``makeInner()`` builds the inner protocol once the server accepted, so a
@@ -359,49 +364,3 @@ class _OneShotFactory(Factory):
 
     def buildProtocol(self, addr: IAddress) -> Protocol:  # type: ignore[override]
         return self._build(addr)
-
-
-#: What a server's ``accept`` callback returns: the inner protocol to run,
-#: or a refusal (HTTP status, message) sent as the upgrade's response.
-Acceptance = IProtocol | tuple[int, str]
-
-
-class WebSocketServerProtocol(_WebSocketStream):
-    """Answer one upgrade request; if accepted, carry an inner protocol's bytes.
-
-    ``accept(request)`` sees the wsproto :class:`~wsproto.events.Request`
-    (target, headers) and returns the inner protocol or ``(status, message)``
-    to refuse with, which is sent as a JSON body ``{"message": …}`` the way
-    coderd words its errors.
-    """
-
-    def __init__(self, accept: Callable[[Request], Acceptance]) -> None:
-        self._accept = accept
-        self._ws = WSConnection(ConnectionType.SERVER)
-
-    def _handshakeEvent(self, event: Event) -> None:
-        if not isinstance(event, Request):
-            return
-        verdict = self._accept(event)
-        if isinstance(verdict, tuple):
-            status, message = verdict
-            body = _jsonMessage(message)
-            self._send(
-                RejectConnection(
-                    status_code=status,
-                    headers=[
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                    has_body=True,
-                )
-            )
-            self._send(RejectData(data=body, body_finished=True))
-            self.transport.loseConnection()
-            return
-        self._send(AcceptConnection())
-        self._attach(verdict)
-
-
-def _jsonMessage(message: str) -> bytes:
-    return json.dumps({"message": message}).encode("utf-8")

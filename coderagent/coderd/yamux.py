@@ -4,8 +4,9 @@ coderd multiplexes every agent RPC over one WebSocket with hashicorp/yamux
 (``DefaultConfig()`` on both ends; the agent is the client, coderd the server),
 so this module has to reproduce what the Go library puts on the wire and how it
 reacts to what it reads, including its quirks, not merely "a yamux".  The
-golden streams in ``shared/vectors/yamux_*.json`` and ``drpc_over_yamux*.json``
-were recorded from the Go library and the tests compare against them.
+golden streams in ``tests/golden/yamux_*.json`` and ``drpc_over_yamux*.json``
+were recorded from the Go library and the tests compare against them.  The
+header, constants and errors are in :mod:`coderagent.coderd.yamuxframe`.
 
 What Go does, and therefore what we do:
 
@@ -19,7 +20,14 @@ What Go does, and therefore what we do:
 * At most ``AcceptBacklog`` (256) of our SYNs may be un-ACKed; further opens
   wait.  An incoming stream beyond an unaccepted backlog of 256 is RST.
 * A frame for an unknown stream is ignored (its payload skipped): that is how a
-  Data frame arriving after the stream's FIN is dropped.
+  Data frame arriving after the stream's FIN is dropped.  Go logs "frame for
+  missing stream" for a WindowUpdate it gets after both FINs; Go's drpc never
+  causes one, because its reader stops once it closed the stream.  Hence a
+  protocol that cannot half-close (drpc, here) reads nothing after
+  ``loseConnection``, as with TCP, and its peer is credited no more window;
+  and when the peer's FIN ends such a protocol, what it had queued is
+  dropped and our FIN goes at once, as Go's ``Close`` abandons a ``Write``
+  still waiting for window.
 * Protocol violations (window overrun, duplicate SYN, unexpected FIN) answer
   ``GoAway(1)`` and close the connection; ``Close()`` itself sends no GoAway.
 * A keep-alive ping goes out every 30 s; one unanswered for 10 s
@@ -36,7 +44,6 @@ crediting pauses its registered producer).
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, cast
@@ -60,69 +67,41 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = [
-    "FLAG_ACK",
-    "FLAG_FIN",
-    "FLAG_RST",
-    "FLAG_SYN",
-    "GO_AWAY_INTERNAL_ERROR",
-    "GO_AWAY_NORMAL",
-    "GO_AWAY_PROTOCOL_ERROR",
-    "HEADER_SIZE",
-    "INITIAL_STREAM_WINDOW",
-    "PROTO_VERSION",
-    "TYPE_DATA",
-    "TYPE_GO_AWAY",
-    "TYPE_PING",
-    "TYPE_WINDOW_UPDATE",
-    "Header",
-    "KeepaliveTimeoutError",
-    "RemoteGoAwayError",
-    "RemoteSessionError",
-    "SessionClosedError",
-    "SessionShutdownError",
-    "StreamCloseTimeoutError",
-    "StreamOpenTimeoutError",
-    "StreamResetError",
-    "StreamsExhaustedError",
-    "YamuxError",
-    "YamuxProtocolError",
-    "YamuxSession",
-    "YamuxStream",
-    "YamuxTimeoutError",
-    "decodeHeader",
-    "encodeHeader",
-]
+from coderagent.coderd.yamuxframe import (
+    FLAG_ACK,
+    FLAG_FIN,
+    FLAG_RST,
+    FLAG_SYN,
+    GO_AWAY_NORMAL,
+    GO_AWAY_PROTOCOL_ERROR,
+    HEADER,
+    HEADER_SIZE,
+    INITIAL_STREAM_WINDOW,
+    PROTO_VERSION,
+    TYPE_DATA,
+    TYPE_GO_AWAY,
+    TYPE_PING,
+    TYPE_WINDOW_UPDATE,
+    KeepaliveTimeoutError,
+    RemoteGoAwayError,
+    RemoteSessionError,
+    SessionClosedError,
+    SessionShutdownError,
+    StreamCloseTimeoutError,
+    StreamOpenTimeoutError,
+    StreamResetError,
+    StreamsExhaustedError,
+    YamuxProtocolError,
+    YamuxTimeoutError,
+)
+
+__all__ = ["YamuxSession", "YamuxStream"]
 
 _log = Logger()
 
-# --- wire constants (hashicorp/yamux const.go, spec.md) ---------------------
-
-PROTO_VERSION = 0
-
-TYPE_DATA = 0
-TYPE_WINDOW_UPDATE = 1
-TYPE_PING = 2
-TYPE_GO_AWAY = 3
-
-FLAG_SYN = 1
-FLAG_ACK = 2
-FLAG_FIN = 4
-FLAG_RST = 8
-
-GO_AWAY_NORMAL = 0
-GO_AWAY_PROTOCOL_ERROR = 1
-GO_AWAY_INTERNAL_ERROR = 2
-
-HEADER_SIZE = 12
-
-#: Both ends assume this send window for a new stream, whatever their maximum.
-INITIAL_STREAM_WINDOW = 256 * 1024
-
 _MAX_STREAM_ID = 0xFFFFFFFF - 1  # Go refuses to allocate ids >= MaxUint32-1
 
-_HEADER = struct.Struct(">BBHII")
-_pack = _HEADER.pack
+_pack = HEADER.pack
 
 # Stream states, numbered as in Go's stream.go.  Order matters: everything
 # from _REMOTE_CLOSE on has seen the peer's FIN or is dead.
@@ -134,106 +113,6 @@ _LOCAL_CLOSE = 4
 _REMOTE_CLOSE = 5
 _CLOSED = 6
 _RESET = 7
-
-
-class Header(NamedTuple):
-    """One decoded 12-byte yamux header."""
-
-    version: int
-    type: int
-    flags: int
-    streamID: int
-    length: int
-
-
-def encodeHeader(msgType: int, flags: int, streamID: int, length: int) -> bytes:
-    """The 12 bytes Go's ``header.encode`` writes (version is always 0)."""
-    return _pack(PROTO_VERSION, msgType, flags, streamID, length)
-
-
-def decodeHeader(data: bytes | bytearray | memoryview, offset: int = 0) -> Header:
-    """Decode the header at ``offset``; raises ``struct.error`` if short."""
-    return Header(*_HEADER.unpack_from(data, offset))
-
-
-# --- errors ------------------------------------------------------------------
-
-
-class YamuxError(Exception):
-    """Base of the session-level yamux errors."""
-
-
-class YamuxProtocolError(YamuxError):
-    """The peer broke the protocol; we closed the session (after GoAway(1) where Go sends one)."""
-
-
-class RemoteGoAwayError(YamuxError):
-    """The peer sent GoAway(normal): it accepts no new streams.  Go's ErrRemoteGoAway text."""
-
-    def __init__(self) -> None:
-        super().__init__("remote end is not accepting connections")
-
-
-class SessionShutdownError(YamuxError):
-    """The session is closed.  Go's ErrSessionShutdown text."""
-
-    def __init__(self, detail: str = "") -> None:
-        super().__init__("session shutdown" + (f": {detail}" if detail else ""))
-
-
-class StreamsExhaustedError(YamuxError):
-    """No stream ids are left on this session."""
-
-    def __init__(self) -> None:
-        super().__init__("streams exhausted")
-
-
-class YamuxTimeoutError(YamuxError):
-    """A ping got no answer within ConnectionWriteTimeout.  Go's ErrTimeout text."""
-
-    def __init__(self) -> None:
-        super().__init__("i/o deadline reached")
-
-
-class KeepaliveTimeoutError(YamuxError):
-    """A keep-alive ping went unanswered; the session was closed."""
-
-    def __init__(self) -> None:
-        super().__init__("keepalive timeout")
-
-
-class StreamOpenTimeoutError(YamuxError):
-    """A stream we opened was not ACKed in time; Go closes the whole session for this."""
-
-
-class RemoteSessionError(YamuxError):
-    """The peer sent a GoAway with an error code; the session is closed."""
-
-    def __init__(self, code: int) -> None:
-        text = {
-            GO_AWAY_PROTOCOL_ERROR: "yamux protocol error",
-            GO_AWAY_INTERNAL_ERROR: "remote yamux internal error",
-        }.get(code, "unexpected go away received")
-        super().__init__(f"{text} (GoAway code {code})")
-        self.code = code
-
-
-class StreamResetError(error.ConnectionLost):
-    """The peer reset the stream (RST), e.g. its accept backlog was full or it had gone away."""
-
-    MESSAGE = "yamux stream reset by the peer (connection reset)"
-
-
-class StreamCloseTimeoutError(error.ConnectionLost):
-    """We half-closed the stream and the peer never closed its side; we reset it."""
-
-    MESSAGE = "yamux stream reset: the peer did not close its side in time"
-
-
-class SessionClosedError(error.ConnectionLost):
-    """The yamux session under the stream ended; the argument says why."""
-
-    MESSAGE = "yamux session closed"
 
 
 # --- streams -----------------------------------------------------------------
@@ -266,6 +145,7 @@ class YamuxStream:
         self._recvBuf: deque[bytes] = deque()
         self._recvBuffered = 0
         self._readPaused = False
+        self._readStopped = False  # the protocol reads nothing more: no delivery, no credit
         self._finPending = False  # peer's FIN seen, not yet given to the protocol
         self._eofDelivered = False
         self._delivering = False
@@ -338,16 +218,21 @@ class YamuxStream:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
-        """Half-close: send FIN once the queued data is out.
+        """Send FIN once the queued data is out; ``connectionLost`` once the peer FINs too.
 
-        The protocol keeps receiving until the peer FINs too, then gets
-        ``connectionLost(ConnectionDone)``.
+        A protocol providing ``IHalfCloseableProtocol`` keeps receiving until
+        then (a half-close).  Any other reads nothing more, as with a TCP
+        transport: what arrives is dropped and the peer is credited no more
+        window, so it stops sending.
         """
         if self._closing:
             return
         self._closing = True
         self._finRequested = True
         self.disconnecting = True
+        protocol = self._protocol
+        if protocol is not None and IHalfCloseableProtocol(protocol, None) is None:
+            self._stopReading()
         self._flush()
 
     def abortConnection(self) -> None:
@@ -524,13 +409,21 @@ class YamuxStream:
 
     def _maybeCredit(self) -> None:
         state = self._state
-        if self._readPaused or self._protocol is None or state >= _CLOSED or state == _INIT:
+        if self._readPaused or self._readStopped or self._protocol is None:
+            return
+        if state >= _CLOSED or state == _INIT:
             return  # (an unannounced stream's first frame must be Go's SYN, from _announce)
         self._sendWindowUpdate()
 
+    def _stopReading(self) -> None:
+        """The protocol will read nothing more: drop what is kept for it, credit no more."""
+        self._readStopped = True
+        self._recvBuf.clear()
+        self._recvBuffered = 0
+
     def _dataArrived(self, chunk: bytes) -> None:
-        if self._state >= _REMOTE_CLOSE or self._finPending:
-            return  # after the peer's FIN, or dead: dropped, as Go never reads it
+        if self._state >= _REMOTE_CLOSE or self._finPending or self._readStopped:
+            return  # after the peer's FIN, dead, or nobody reads: dropped, as Go never reads it
         self._recvBuf.append(chunk)
         self._recvBuffered += len(chunk)
         self._drive()
@@ -584,6 +477,15 @@ class YamuxStream:
         protocol = self._protocol
         if protocol is None or self._delivering or self._lostDelivered:
             return
+        if self._readStopped:
+            # Nothing is delivered any more: the peer's FIN only completes the close.
+            if self._finPending:
+                self._finPending = False
+                self._eofDelivered = True
+                self._closeAtEOF()
+            if self._state == _CLOSED and self._eofDelivered:
+                self._deliverLost(Failure(error.ConnectionDone()))
+            return
         self._delivering = True
         try:
             buf = self._recvBuf
@@ -604,9 +506,8 @@ class YamuxStream:
                 self._eofDelivered = True
                 halfCloseable = IHalfCloseableProtocol(protocol, None)
                 if halfCloseable is None:
-                    # Like a TCP transport: EOF ends a protocol that cannot
-                    # half-close.  Our FIN still follows any queued data.
-                    self.loseConnection()
+                    # Like a TCP transport: EOF ends a protocol that cannot half-close.
+                    self._closeAtEOF()
                     self._deliverLost(Failure(error.ConnectionDone()))
                     return
                 try:
@@ -620,6 +521,21 @@ class YamuxStream:
             self._delivering = False
 
     # -- endings ----------------------------------------------------------------
+
+    def _closeAtEOF(self) -> None:
+        """The peer's FIN ends a protocol that cannot half-close: FIN now, unsent data dropped.
+
+        As TCP drops a closed connection's buffer, and as Go's drpc, whose
+        ``Close`` abandons a ``Write`` still waiting for window: a peer that
+        stopped crediting us would otherwise never see our FIN.
+        """
+        self._pending.clear()
+        self._pendingBytes = 0
+        self._closing = True
+        self._finRequested = True
+        self.disconnecting = True
+        self._stopReading()
+        self._flush()
 
     def _deliverLost(self, reason: Failure) -> None:
         if self._lostDelivered:
@@ -919,10 +835,10 @@ class YamuxSession(Protocol):
                 if len(hdrBuf) < HEADER_SIZE:
                     return
                 pos += need
-                version, msgType, flags, streamID, length = _HEADER.unpack(hdrBuf)
+                version, msgType, flags, streamID, length = HEADER.unpack(hdrBuf)
                 hdrBuf.clear()
             elif end - pos >= HEADER_SIZE:
-                version, msgType, flags, streamID, length = _HEADER.unpack_from(data, pos)
+                version, msgType, flags, streamID, length = HEADER.unpack_from(data, pos)
                 pos += HEADER_SIZE
             else:
                 hdrBuf += data[pos:]

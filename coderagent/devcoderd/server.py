@@ -5,7 +5,8 @@ the same WebSocket upgrade (token checked, 401 otherwise), yamux as the
 server, one DRPC connection per stream, and the Agent RPCs the agent uses,
 answered from a manifest and recorded.  Every boundary audit log is written
 to stderr the way coderd writes it (``coderd.agentrpc: boundary_request
-owner=…``, reference §5), so what reaches "coderd" can be read off its log.
+owner=…``, the line coderd's ``agentapi`` logs per boundary log), so what
+reaches "coderd" can be read off its log.
 
 Nothing here is used by the agent itself.
 """
@@ -35,9 +36,10 @@ from twisted.python.failure import Failure
 from wsproto.events import Request
 
 from coderagent.coderd.api import RPC_PATH, RPCS, UNAUTHORIZED_MESSAGE
-from coderagent.coderd.drpc import DRPCError, DRPCServerProtocol
-from coderagent.coderd.websocket import Acceptance, WebSocketServerProtocol
+from coderagent.coderd.drpcwire import DRPCError
 from coderagent.coderd.yamux import YamuxSession, YamuxStream
+from coderagent.devcoderd.drpcserver import DRPCServerProtocol
+from coderagent.devcoderd.websocketserver import Acceptance, WebSocketServerProtocol
 from coderagent.gotext import goQuote
 from coderagent.observe.logs import humanLine
 from coderagent.pb import agent_pb2
