@@ -7,12 +7,8 @@ from typing import Any
 
 from twisted.conch.ssh import connection
 
-from coderagent.ssh.factory import (
-    CHANNEL_WINDOW,
-    CONNECTION_WINDOW_BUDGET,
-    MIN_CHANNEL_WINDOW,
-    AgentConnection,
-)
+from coderagent.ssh.connection import AgentConnection
+from coderagent.ssh.windows import CHANNEL_WINDOW, CONNECTION_WINDOW_BUDGET, MIN_CHANNEL_WINDOW
 from tests.test_forwarding_unit import FakeSSHTransport, Opened, openPacket
 
 

@@ -32,13 +32,13 @@ from zope.interface.verify import verifyObject
 
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.policy import Policy
-from coderagent.ssh.factory import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 from coderagent.ssh.forwarding import installForwarding
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 from coderagent.ssh.forwarding.registry import MalformedPayload, Payload
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
 from coderagent.ssh.forwarding.streamlocal import SOCKET_MODE
 from coderagent.ssh.forwarding.tcp import describeConnectError
+from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 
 NS = common.NS
 

@@ -224,7 +224,7 @@ class QuietConch:
     """Drops Conch's below-warning events.
 
     Conch's classes log through class-level ``Logger`` attributes, whose
-    namespace is the *subclass's* (``coderagent.ssh.factory.AgentConnection``),
+    namespace is the *subclass's* (``coderagent.ssh.connection.AgentConnection``),
     so a namespace filter misses them; the event's source object does not lie.
     """
 

@@ -27,7 +27,8 @@ from typing import Any
 #: packet_length, padding_length, message type.
 _HEAD = struct.Struct(">LBB")
 _SEQ = struct.Struct(">L")
-_CHANNEL_DATA_HEAD = struct.Struct(">LL")
+#: The head of a CHANNEL_DATA payload: recipient channel, data length.
+CHANNEL_DATA_HEAD = struct.Struct(">LL")
 
 #: Bytes of a packet decrypted before the rest has to be there.
 HEAD_SIZE = _HEAD.size
@@ -203,7 +204,7 @@ class Opener:
         recipient = -1
         if messageType == MSG_CHANNEL_DATA and bodyLength >= 8:
             dataHead = update(view[pos : pos + 8])
-            recipient, dataLength = _CHANNEL_DATA_HEAD.unpack(dataHead)
+            recipient, dataLength = CHANNEL_DATA_HEAD.unpack(dataHead)
             if dataLength == bodyLength - 8:
                 data = update(view[pos + 8 : pos + bodyLength])
             else:  # malformed: let the ordinary handler refuse it

@@ -42,7 +42,7 @@ from coderagent.policy import (
     Policy,
 )
 from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo, sessionEnvironment
-from coderagent.ssh.factory import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 
 log = Logger()
 

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from coderagent.ssh.factory import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 
 log = Logger()
 
