@@ -37,9 +37,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coderagent.gotext import goQuote
-from coderagent.ssh.forwarding.registry import Forwards, MalformedPayload, Payload
+from coderagent.ssh.forwarding.registry import Forwards
 from coderagent.ssh.forwarding.relay import OneSocketFactory, RelayChannel, SocketSide
 from coderagent.ssh.forwarding.tcp import CONNECT_TIMEOUT, UNPARSED, describeConnectError
+from coderagent.ssh.wire import MalformedPayload, Payload
 
 log = Logger()
 

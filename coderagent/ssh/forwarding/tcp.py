@@ -28,8 +28,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from coderagent.ssh.forwarding.registry import Forwards, MalformedPayload, Payload, hostPort
+from coderagent.ssh.forwarding.registry import Forwards, hostPort
 from coderagent.ssh.forwarding.relay import OneSocketFactory, RelayChannel, SocketSide
+from coderagent.ssh.wire import MalformedPayload, Payload
 
 log = Logger()
 
