@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from twisted.conch.ssh import connection
 
 from coderagent.ssh.connection import AgentConnection
 from coderagent.ssh.windows import CHANNEL_WINDOW, CONNECTION_WINDOW_BUDGET, MIN_CHANNEL_WINDOW
-from tests.test_forwarding_unit import FakeSSHTransport, Opened, openPacket
-
-
-class ManyChannels:
-    """An avatar that hands out a fresh channel for every open."""
-
-    def __init__(self) -> None:
-        self.channels: list[Opened] = []
-
-    def lookupChannel(self, kind: bytes, window: int, maxPacket: int, data: bytes) -> Any:
-        chan = Opened()
-        self.channels.append(chan)
-        return chan
+from tests.fakes import FakeSSHTransport, ManyChannels, openPacket
 
 
 def _connection() -> tuple[AgentConnection, FakeSSHTransport, ManyChannels]:
