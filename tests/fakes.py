@@ -15,11 +15,13 @@ from typing import Any
 
 from twisted.conch.ssh.common import NS
 from twisted.internet.address import IPv4Address
+from zope.interface import implementer
 
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.policy import Policy
 from coderagent.ssh.forwarding import installForwarding
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
+from coderagent.ssh.interfaces import IChannelWindows
 
 # -- packets -------------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class FakeSocketTransport:
         return IPv4Address("TCP", "127.0.0.1", 6000)
 
 
+@implementer(IChannelWindows)
 class FakeConn:
     """The connection side of a channel: what it sent, and window re-opens."""
 
@@ -117,6 +120,9 @@ class FakeConn:
         if not chan.localClosed:
             self.sent.append(("close", b""))
             chan.localClosed = True
+
+    def sizeWindow(self, chan: Any) -> None:
+        chan.windowCap = chan.localWindowSize  # the window it asked for
 
     def reopenWindow(self, chan: Any) -> None:
         self.reopened += 1

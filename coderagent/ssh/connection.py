@@ -8,8 +8,9 @@ deadline instead; the transport enforces that one.)
 Stock Conch re-opens a channel's window as soon as data arrives, so a slow
 consumer makes us buffer without bound.  Here a channel may set
 ``consumerPaused``; the window then stays shut until the channel calls
-:meth:`AgentConnection.reopenWindow` once its consumer has drained.  All of
-one connection's channels share :data:`~coderagent.ssh.windows.CONNECTION_WINDOW_BUDGET`.
+:meth:`AgentConnection.reopenWindow` once its consumer has drained (the
+contract is :mod:`coderagent.ssh.interfaces`).  All of one connection's
+channels share :data:`~coderagent.ssh.windows.CONNECTION_WINDOW_BUDGET`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 from twisted.conch.ssh import connection, transport
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
+from coderagent.ssh.interfaces import IChannelWindows
 from coderagent.ssh.packets import CHANNEL_DATA_HEAD, Chunk
 from coderagent.ssh.windows import CONNECTION_WINDOW_BUDGET, MIN_CHANNEL_WINDOW
 
@@ -35,6 +38,7 @@ KEEPALIVE_THRESHOLD = 3.0
 KEEPALIVE_COUNT_MAX = 3
 
 
+@implementer(IChannelWindows)
 class AgentConnection(DeferredOpenConnection):
     """``ssh-connection`` with keep-alives and consumer-driven window re-opening."""
 
@@ -122,8 +126,8 @@ class AgentConnection(DeferredOpenConnection):
 
     def reopenWindow(self, channel: Any) -> None:
         """Give the peer more window once half is used and the consumer keeps up."""
-        if getattr(channel, "consumerPaused", False) or channel.localClosed:
+        if channel.consumerPaused or channel.localClosed:
             return
-        target = self.windowShare(getattr(channel, "windowCap", channel.localWindowSize))
+        target = self.windowShare(channel.windowCap)
         if channel.localWindowLeft < target // 2:
             self.adjustWindow(channel, target - channel.localWindowLeft)

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from coderagent.ssh.interfaces import IWindowedChannel
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 
 log = Logger()
@@ -82,7 +83,7 @@ class SocketSide(Protocol):
             self.channel.socketLost()
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IWindowedChannel)
 class RelayChannel(channel.SSHChannel):
     """An SSH channel relaying to :class:`SocketSide` ``socket``.
 
@@ -102,6 +103,7 @@ class RelayChannel(channel.SSHChannel):
         self.socket = socket
         socket.channel = self
         self.consumerPaused = False
+        self.windowCap = self.localWindowSize
         self._open = False
         # Socket-to-client direction: an EOF (and maybe CLOSE) waits for the
         # buffered data to be sent first.
