@@ -35,8 +35,8 @@ from coderagent.observe.metrics import AgentMetrics
 from coderagent.policy import Policy
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
+from coderagent.ssh.forwarding.sockets import describeConnectError
 from coderagent.ssh.forwarding.streamlocal import SOCKET_MODE
-from coderagent.ssh.forwarding.tcp import describeConnectError
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 from tests.fakes import (
     FakeAvatar,

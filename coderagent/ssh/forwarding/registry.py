@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 log = Logger()
 
 
+#: What a refusal's log line shows for a target that could not be parsed.
+UNPARSED = "<unparsable payload>"
+
+
 def hostPort(host: str, port: int) -> str:
     """``host:port``, bracketing IPv6 literals."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

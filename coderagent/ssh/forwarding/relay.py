@@ -27,8 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.conch.ssh import channel
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -256,15 +256,3 @@ class RelayChannel(channel.SSHChannel):
             sock.transport.abortConnection()
         else:
             sock.transport.loseConnection()
-
-
-class OneSocketFactory(Factory):
-    """Hands out one prepared protocol: ``connectProtocol`` without its log lines."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.prepared = protocol
-
-    def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        return self.prepared
