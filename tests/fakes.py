@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.conch.ssh.common import NS
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from coderagent.observe.metrics import AgentMetrics
@@ -140,9 +141,24 @@ class FakeSSHConn:
     def __init__(self) -> None:
         self.transport = FakeSSHTransport()
         self.opened: list[tuple[RelayChannel, bytes]] = []
+        self._waiting: list[tuple[int, Deferred[None]]] = []
 
     def openChannel(self, chan: RelayChannel, extra: bytes = b"") -> None:
         self.opened.append((chan, extra))
+        due = [d for n, d in self._waiting if len(self.opened) >= n]
+        self._waiting = [(n, d) for n, d in self._waiting if len(self.opened) < n]
+        for d in due:
+            d.callback(None)
+
+    def whenOpened(self, count: int, timeout: float = 30.0) -> Deferred[None]:
+        """Fires once ``count`` channels have been opened in all (fails after ``timeout``)."""
+        if len(self.opened) >= count:
+            return succeed(None)
+        from twisted.internet import reactor
+
+        d: Deferred[None] = Deferred()
+        self._waiting.append((count, d))
+        return d.addTimeout(timeout, reactor)
 
 
 class FakeAvatar:

@@ -489,7 +489,7 @@ def test_streamlocal_forward_lifecycle(sockdir: Path) -> Iterator[Deferred[Any]]
     assert forward(NS(os.fsencode(path))) == 1  # the same path again: fine, as OpenSSH
     assert len(avatar.forwards.listeners) == 1
     assert cancel(NS(os.fsencode(path))) == 1
-    yield deferLaterZero()
+    yield avatar.forwards.whenClosed()
     assert not path.exists()
     assert cancel(NS(os.fsencode(path))) == 1  # unknown path: still true, as upstream
 
@@ -512,8 +512,7 @@ def test_stale_socket_and_file_are_replaced_but_a_directory_is_not(
     directory = sockdir / "dir.sock"
     directory.mkdir()
     assert forward(NS(os.fsencode(directory))) == 0 and directory.is_dir()
-    avatar.forwards.close()
-    yield deferLaterZero()
+    yield avatar.forwards.close()
     assert not stale.exists() and not regular.exists() and directory.is_dir()
 
 
@@ -525,21 +524,10 @@ def test_socket_taken_over_by_another_connection_survives_the_first(
     path = os.fsencode(sockdir / "shared.sock")
     assert first.globalRequests[b"streamlocal-forward@openssh.com"](NS(path)) == 1
     assert second.globalRequests[b"streamlocal-forward@openssh.com"](NS(path)) == 1
-    first.forwards.close()
-    yield deferLaterZero()
+    yield first.forwards.close()
     assert connectable(Path(os.fsdecode(path)))  # still the second connection's
-    second.forwards.close()
-    yield deferLaterZero()
+    yield second.forwards.close()
     assert not os.path.exists(path)
-
-
-def deferLaterZero() -> Deferred[None]:
-    """Let the reactor run the listeners' deferred close (``stopListening``)."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    d: Deferred[None] = deferLater(reactor, 0.01, lambda: None)
-    return d
 
 
 @pytest_twisted.inlineCallbacks
@@ -602,10 +590,7 @@ def test_accepted_connections_open_forwarded_channels_naming_the_bound_port(
     unixClient = socket.socket(socket.AF_UNIX)
     unixClient.connect(str(path))
     try:
-        for _ in range(100):
-            if len(avatar.conn.opened) == 2:
-                break
-            yield deferLaterZero()
+        yield avatar.conn.whenOpened(2)
         byName = {chan.name: (chan, extra) for chan, extra in avatar.conn.opened}
         chan, extra = byName[b"forwarded-tcpip"]
         origin = tcpClient.getsockname()
@@ -618,8 +603,7 @@ def test_accepted_connections_open_forwarded_channels_naming_the_bound_port(
     finally:
         tcpClient.close()
         unixClient.close()
-        avatar.forwards.close()
-        yield deferLaterZero()
+        yield avatar.forwards.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", bound), timeout=5).close()
 

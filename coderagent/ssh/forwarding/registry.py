@@ -17,7 +17,7 @@ from twisted.conch.ssh.connection import (
     OPEN_CONNECT_FAILED,
     SSHConnection,
 )
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -56,6 +56,8 @@ class Forwards:
         #: Listeners this connection asked for, keyed by (kind, address).
         self.listeners: dict[tuple[str, str, int], Listener] = {}
         self.closed = False
+        #: Closes begun (by a cancel or by close()) that have not finished.
+        self._closing: set[Deferred[None]] = set()
 
     @property
     def policy(self) -> Policy:
@@ -138,12 +140,26 @@ class Forwards:
         self._close(listener)
         return True
 
-    def close(self) -> None:
-        """Close every listener this connection created (it is going away)."""
+    def close(self) -> Deferred[None]:
+        """Close every listener this connection created (it is going away).
+
+        Returns :meth:`whenClosed`: what closes here, and what a cancel was
+        still closing, is closed when it fires.
+        """
         self.closed = True
         listeners, self.listeners = self.listeners, {}
         for listener in listeners.values():
             self._close(listener)
+        return self.whenClosed()
+
+    def whenClosed(self) -> Deferred[None]:
+        """Fires once every listener whose close has begun is closed.
+
+        Closed means the socket is gone and a Unix socket's file removed.
+        Never fails: a failure to close is logged, not passed on.
+        """
+        closing: Deferred[list[None]] = gatherResults(list(self._closing))
+        return closing.addCallback(lambda _: None)
 
     def _close(self, listener: Listener) -> None:
         peer = self.peer()
@@ -157,7 +173,12 @@ class Forwards:
                 "closing forwarding listener {what} failed", reason, what=listener.description
             )
 
-        maybeDeferred(listener.close).addCallbacks(closed, failed)
+        def settled(_: None) -> None:
+            self._closing.discard(closing)
+
+        closing: Deferred[None] = maybeDeferred(listener.close).addCallbacks(closed, failed)
+        self._closing.add(closing)
+        closing.addCallback(settled)
 
 
 #: Upstream's log texts for each kind of refusal.
