@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderagent.compat import holdForKeyExchange, inKeyExchange
 from coderagent.ssh.auth import AgentUserAuthServer
 from coderagent.ssh.connection import KEEPALIVE_THRESHOLD, AgentConnection
 from coderagent.ssh.packets import CHANNEL_DATA_HEAD, Chunk, Opener, PacketError, Sealer
@@ -125,18 +126,32 @@ class AgentServerTransport(transport.SSHServerTransport):
         self.sendPacketParts(messageType, (payload,))
 
     def sendPacketParts(self, messageType: int, parts: tuple[Chunk, ...]) -> None:
-        """Send one packet whose payload is ``parts`` joined, without joining them."""
-        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
-            if not self._allowedKeyExchangeMessageType(messageType):
-                self._blockedByKeyExchange.append((messageType, b"".join(parts)))
-                return
+        """Send one packet whose payload is ``parts`` joined, without joining them.
+
+        During a key exchange there is no cached sealer (see
+        :meth:`sendKexInit`), so every packet takes the branch that holds
+        back what may not be sent until the exchange ends, as Conch's
+        ``sendPacket`` does.  Otherwise the check costs nothing extra.
+        """
         ciphers = self.currentEncryptions
         sealer = self._sealer
         if sealer is None or sealer.ciphers is not ciphers:
-            sealer = self._sealer = Sealer(ciphers)
+            if inKeyExchange(self):
+                if holdForKeyExchange(self, messageType, parts):
+                    return
+                sealer = Sealer(ciphers)  # not kept: the next packet checks again
+            else:
+                sealer = self._sealer = Sealer(ciphers)
         tcp: Any = self.transport
         tcp.writeSequence(sealer.seal(self.outgoingPacketSequence, messageType, parts))
         self.outgoingPacketSequence += 1
+
+    def sendKexInit(self) -> None:
+        # Every key exchange starts here (ours, or in answer to the peer's
+        # KEXINIT).  Dropping the sealer sends the packets that follow, until
+        # the new keys are in use, through sendPacketParts' checking branch.
+        super().sendKexInit()
+        self._sealer = None
 
     def getPacket(self) -> None:
         # Conch's dataReceived calls this after the version exchange; our

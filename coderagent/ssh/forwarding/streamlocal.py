@@ -28,13 +28,14 @@ from typing import Any
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import common, connection
-from twisted.internet import error, tcp, unix
+from twisted.internet import error, unix
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderagent.compat import closeUnixPortKeepingFile
 from coderagent.gotext import goQuote
 from coderagent.ssh.forwarding.registry import UNPARSED, Forwards
 from coderagent.ssh.forwarding.relay import RelayChannel
@@ -89,8 +90,8 @@ class UnixForwardPort(unix.Port):
                 os.unlink(self.path)
         except OSError:
             pass
-        # Skip unix.Port.connectionLost: it unlinks the path unconditionally.
-        tcp.Port.connectionLost(self, reason)
+        # Not unix.Port's: it unlinks the path unconditionally.
+        closeUnixPortKeepingFile(self, reason)
 
     def close(self) -> Deferred[None] | None:
         closing: Deferred[None] | None = self.stopListening()
