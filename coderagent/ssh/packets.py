@@ -5,7 +5,7 @@ slice their receive buffer once per packet: a 32 KiB channel-data packet is
 copied about seven times on its way out and ten on its way in, and each MAC
 is computed with a fresh ``hmac.HMAC`` over ``seq + packet`` (one more copy).
 On a bulk forward that copying, not the cipher, is what a Python server
-spends its core on (``shared/reference/perf-baseline.md`` item 4).
+spends its core on.
 
 :class:`Sealer` and :class:`Opener` keep the wire format exactly, but feed
 the cipher and the MAC piece by piece (header, payload parts, padding) from

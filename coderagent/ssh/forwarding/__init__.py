@@ -11,8 +11,9 @@ request                                    direction    module
 
 Every path asks the :class:`~coderagent.policy.Policy` first and moves bytes
 through :mod:`.relay` (half-close, back-pressure); :mod:`.sockets` dials the
-socket of a ``direct-*`` open and accepts those of a reverse forward.  What one SSH connection
-creates is tracked in its :class:`~.registry.Forwards` and closed with it.
+socket of a ``direct-*`` open and accepts those of a reverse forward.  What
+one SSH connection creates is tracked in its :class:`~.registry.Forwards` and
+closed with it.
 ``direct-*`` opens answer only once connected, which needs the connection
 class from :mod:`.opening`.
 """

@@ -16,7 +16,7 @@ directory.
 Every filesystem call runs through ``runInThread`` (``deferToThread`` unless a
 test passes something else), so the reactor only ever parses packets.
 
-Conch's ``FileTransferServer`` drives this object; several of its habits shape
+Conch's ``FileTransferServer`` drives the server; several of its habits shape
 the code here and are explained where they matter:
 
 * a handle is ``str(hash(fileObj))``, so files define ``__hash__`` to make
