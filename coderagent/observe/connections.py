@@ -35,7 +35,8 @@ def _describe(t: AgentServerTransport, now: float) -> dict[str, Any]:
         "user": getattr(avatar, "username", None),
         "authenticated": t.authenticated,
         "connected_seconds": round(now - t.since, 3),
-        "client": (t.otherVersionString or b"").decode("ascii", "replace"),
+        # Conch sets otherVersionString only once the client's version line is in.
+        "client": (getattr(t, "otherVersionString", None) or b"").decode("ascii", "replace"),
         "channels": channels,
         "forwards": sorted(
             listener.description for listener in getattr(forwards, "listeners", {}).values()
