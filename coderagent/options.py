@@ -35,10 +35,10 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from twisted.internet import endpoints
 from twisted.python import usage
 
 from coderagent.coderd.headers import validHeaderName, validHeaderValue
+from coderagent.compat import parseServerDescription
 from coderagent.policy import BLOCKED_FILE_TRANSFER_COMMANDS
 
 __all__ = [
@@ -331,14 +331,14 @@ def _parseEndpoint(text: str) -> str:
     """A Twisted strports server description, checked without listening.
 
     The SSH listener is built much later, after twistd has daemonized; a typo
-    found there would only reach the log.  ``_parseServer`` is what
-    ``serverFromString`` uses to read the description, without a reactor.
+    found there would only reach the log.  ``parseServerDescription`` reads
+    it as ``serverFromString`` does, without a reactor.
     """
     expected = "expected a Twisted endpoint description such as tcp:2222:interface=127.0.0.1"
     if not text.strip():
         raise ValueError(f"invalid endpoint {_quote(text)} ({expected})")
     try:
-        parsed = endpoints._parseServer(text, None)
+        parsed = parseServerDescription(text)
     except Exception as e:  # anything the parser raises means the text is unusable
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(f"invalid endpoint {_quote(text)} ({reason}; {expected})") from e

@@ -22,6 +22,8 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from coderagent.compat import reactorChildren
+
 log = Logger()
 
 INTERVAL = 1.0
@@ -53,10 +55,8 @@ def orphanZombies(parent: int, known: set[int]) -> list[int]:
 
 def reapOrphans() -> int:
     """Wait for every orphaned zombie; returns how many were reaped."""
-    from twisted.internet import process
-
     reaped = 0
-    for pid in orphanZombies(os.getpid(), set(process.reapProcessHandlers)):
+    for pid in orphanZombies(os.getpid(), reactorChildren()):
         try:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 reaped += 1

@@ -24,6 +24,7 @@ from coderagent.coderd.lifecycle import Reporter, sessionVariables
 from coderagent.control.server import SOCKET_MODE as CONTROL_SOCKET_MODE
 from coderagent.control.server import ControlFactory
 from coderagent.listening import ListeningService
+from coderagent.observe.connections import describeConnections
 from coderagent.observe.debug import debugSite, isLoopback, profilingSite
 from coderagent.observe.http import metricsSite, strportsFor
 from coderagent.observe.logs import (
@@ -167,7 +168,7 @@ def makeService(
             lambda: debugSite(
                 status=status,
                 manifest=lambda: reporter.manifest,
-                connections=factory.describeConnections,
+                connections=lambda: describeConnections(factory.connections, reactor),
                 recent=recent,
             ),
         ),

@@ -1,31 +1,33 @@
-"""AgentConnection's windows: one connection's channels share a bounded budget."""
+"""AgentConnection's windows: one connection's channels share a bounded budget.
+
+The last test checks the flow-control contract of ``coderagent.ssh.interfaces``
+on both sides: the channels the agent opens and the connection (and the fakes
+standing in for them).
+"""
 
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from twisted.conch.ssh import connection
+from twisted.internet.testing import MemoryReactor
+from zope.interface.verify import verifyClass, verifyObject
 
-from coderagent.ssh.factory import (
-    CHANNEL_WINDOW,
-    CONNECTION_WINDOW_BUDGET,
-    MIN_CHANNEL_WINDOW,
-    AgentConnection,
+from coderagent.policy import Policy
+from coderagent.ssh.connection import AgentConnection
+from coderagent.ssh.environment import UserInfo
+from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
+from coderagent.ssh.interfaces import IChannelWindows, IWindowedChannel
+from coderagent.ssh.session import SessionChannel, SessionContext
+from coderagent.ssh.windows import CHANNEL_WINDOW, CONNECTION_WINDOW_BUDGET, MIN_CHANNEL_WINDOW
+from tests.fakes import (
+    FakeConn,
+    FakeSocketTransport,
+    FakeSSHTransport,
+    ManyChannels,
+    Opened,
+    openPacket,
 )
-from tests.test_forwarding_unit import FakeSSHTransport, Opened, openPacket
-
-
-class ManyChannels:
-    """An avatar that hands out a fresh channel for every open."""
-
-    def __init__(self) -> None:
-        self.channels: list[Opened] = []
-
-    def lookupChannel(self, kind: bytes, window: int, maxPacket: int, data: bytes) -> Any:
-        chan = Opened()
-        self.channels.append(chan)
-        return chan
 
 
 def _connection() -> tuple[AgentConnection, FakeSSHTransport, ManyChannels]:
@@ -95,3 +97,27 @@ def test_a_paused_consumer_keeps_the_window_shut() -> None:
     transport.packets.clear()
     conn.reopenWindow(chan)
     assert transport.packets == []
+
+
+def _session() -> SessionChannel:
+    user = UserInfo(name="dev", home="/", shell="/bin/sh")
+    return SessionChannel(
+        SessionContext(policy=Policy(), reactor=MemoryReactor(), user=user, agentEnvironment={})
+    )
+
+
+def test_the_channels_and_the_connection_declare_and_meet_the_flow_control_contract() -> None:
+    sock = SocketSide()
+    sock.makeConnection(FakeSocketTransport())
+    for cls, chan in (
+        (RelayChannel, RelayChannel(sock, conn=FakeConn())),
+        (SessionChannel, _session()),
+        (Opened, Opened()),
+    ):
+        assert verifyClass(IWindowedChannel, cls)
+        assert verifyObject(IWindowedChannel, chan)
+        assert chan.windowCap == chan.localWindowSize == CHANNEL_WINDOW
+        assert chan.consumerPaused is False
+    for cls, conn in ((AgentConnection, AgentConnection()), (FakeConn, FakeConn())):
+        assert verifyClass(IChannelWindows, cls)
+        assert verifyObject(IChannelWindows, conn)

@@ -1,10 +1,11 @@
 # Twisted and pytest-twisted are partly unannotated (as in pyproject's coderagent.* override).
 # mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
-"""Forwarding without processes: payload parsing, deferred opens, the relay, policy.
+"""Forwarding without processes: deferred opens, the relay, policy, listeners.
 
-Everything here runs against fakes (an SSH transport that records packets, a
-socket transport that records calls) or against real Unix sockets in a
-temporary directory, driven by the test reactor.  The end-to-end behaviour with
+Everything here runs against the fakes of ``tests/fakes.py`` (an SSH
+transport that records packets, a socket transport that records calls) or
+against real Unix sockets in a temporary directory, driven by the test
+reactor.  The end-to-end behaviour with
 OpenSSH is in ``tests/integration/test_forwarding*.py``.
 """
 
@@ -32,142 +33,25 @@ from zope.interface.verify import verifyObject
 
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.policy import Policy
-from coderagent.ssh.factory import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
-from coderagent.ssh.forwarding import installForwarding
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
-from coderagent.ssh.forwarding.registry import MalformedPayload, Payload
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
+from coderagent.ssh.forwarding.sockets import describeConnectError
 from coderagent.ssh.forwarding.streamlocal import SOCKET_MODE
-from coderagent.ssh.forwarding.tcp import describeConnectError
+from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from tests.fakes import (
+    FakeAvatar,
+    FakeConn,
+    FakeSocketTransport,
+    FakeSSHTransport,
+    LookupAvatar,
+    Opened,
+    directStreamlocal,
+    directTcpip,
+    openPacket,
+    u32,
+)
 
 NS = common.NS
-
-
-def u32(n: int) -> bytes:
-    return struct.pack(">L", n)
-
-
-def directTcpip(host: bytes = b"127.0.0.1", port: int = 80) -> bytes:
-    return NS(host) + u32(port) + NS(b"10.0.0.1") + u32(4242)
-
-
-def directStreamlocal(path: bytes) -> bytes:
-    return NS(path) + NS(b"") + u32(0)
-
-
-# -- fakes -------------------------------------------------------------------
-
-
-class FakeSSHTransport:
-    """Records the packets a connection service sends."""
-
-    def __init__(self, avatar: Any = None) -> None:
-        self.packets: list[tuple[int, bytes]] = []
-        if avatar is not None:
-            self.avatar = avatar
-        self.transport = self  # AgentServerTransport.transport -> the TCP connection
-
-    def sendPacket(self, kind: int, payload: bytes) -> None:
-        self.packets.append((kind, payload))
-
-    def getPeer(self) -> IPv4Address:
-        return IPv4Address("TCP", "192.0.2.7", 50000)
-
-
-class FakeSocketTransport:
-    """A TCP connection as the relay uses it: producer, consumer, half-close."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.producer: Any = None
-        self.readPaused = False
-        self.writeShut = False
-        self.closing = False
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        assert self.producer is None and streaming
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def pauseProducing(self) -> None:
-        self.readPaused = True
-
-    def resumeProducing(self) -> None:
-        self.readPaused = False
-
-    def loseWriteConnection(self) -> None:
-        self.writeShut = True
-
-    def loseConnection(self) -> None:
-        self.closing = True
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-
-    def getPeer(self) -> IPv4Address:
-        return IPv4Address("TCP", "127.0.0.1", 6000)
-
-
-class FakeConn:
-    """The connection side of a channel: what it sent, and window re-opens."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-        self.reopened = 0
-
-    def sendData(self, chan: Any, data: bytes) -> None:
-        self.sent.append(("data", data))
-
-    def sendEOF(self, chan: Any) -> None:
-        self.sent.append(("eof", b""))
-
-    def sendClose(self, chan: Any) -> None:
-        if not chan.localClosed:
-            self.sent.append(("close", b""))
-            chan.localClosed = True
-
-    def reopenWindow(self, chan: Any) -> None:
-        self.reopened += 1
-
-    def kinds(self) -> list[str]:
-        return [kind for kind, _ in self.sent]
-
-    def data(self) -> bytes:
-        return b"".join(d for kind, d in self.sent if kind == "data")
-
-
-class FakeSSHConn:
-    """An SSH connection as a listener sees it: it opens channels."""
-
-    def __init__(self) -> None:
-        self.transport = FakeSSHTransport()
-        self.opened: list[tuple[RelayChannel, bytes]] = []
-
-    def openChannel(self, chan: RelayChannel, extra: bytes = b"") -> None:
-        self.opened.append((chan, extra))
-
-
-class FakeAvatar:
-    def __init__(self, policy: Policy, reactor: Any = None) -> None:
-        self.metrics = AgentMetrics()
-        self.context = type(
-            "Ctx", (), {"policy": policy, "reactor": reactor, "metrics": self.metrics}
-        )()
-        self.channelLookup: dict[bytes, Any] = {}
-        self.globalRequests: dict[bytes, Any] = {}
-        self.conn = FakeSSHConn()
-        self.forwards = installForwarding(self)
-
-    def refusedCount(self, direction: str, transport: str) -> float | None:
-        return self.metrics.value(
-            "agent_ssh_forwarding_refused_total", direction=direction, transport=transport
-        )
 
 
 @pytest.fixture
@@ -199,49 +83,6 @@ def relay(
     return chan, sock, transport, conn
 
 
-# -- Payload -----------------------------------------------------------------
-
-
-def test_payload_reads_fields_in_order() -> None:
-    p = Payload(directTcpip(b"example.com", 8080))
-    assert (p.text(), p.port(), p.string(), p.uint32()) == ("example.com", 8080, b"10.0.0.1", 4242)
-    p.end()
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"",  # nothing at all
-        b"\x00\x00",  # truncated length
-        u32(10) + b"abc",  # string shorter than its length
-        u32(0xFFFFFFFF) + b"x" * 16,  # huge length
-        NS(b"host"),  # port missing
-        NS(b"host") + b"\x00\x01",  # truncated port
-    ],
-)
-def test_payload_rejects_truncated_and_huge(data: bytes) -> None:
-    p = Payload(data)
-    with pytest.raises(MalformedPayload):
-        p.text()
-        p.port()
-
-
-def test_payload_rejects_trailing_bytes_bad_ports_paths_and_text() -> None:
-    p = Payload(NS(b"x") + b"junk")
-    p.string()
-    with pytest.raises(MalformedPayload, match="trailing"):
-        p.end()
-    with pytest.raises(MalformedPayload, match="out of range"):
-        Payload(u32(65536)).port()
-    with pytest.raises(MalformedPayload):
-        Payload(NS(b"/tmp/a\0b")).path()
-    with pytest.raises(MalformedPayload):
-        Payload(NS(b"")).path()
-    with pytest.raises(MalformedPayload, match="UTF-8"):
-        Payload(NS(b"\xff\xfe")).text()
-    assert Payload(NS(b"/tmp/\xff.sock")).path() == os.fsdecode(b"/tmp/\xff.sock")
-
-
 def test_connect_errors_read_like_go() -> None:
     assert (
         describeConnectError(error.ConnectionRefusedError("Connection refused"), "h")
@@ -257,37 +98,6 @@ def test_connect_errors_read_like_go() -> None:
 
 
 # -- DeferredOpenConnection ----------------------------------------------------
-
-
-class Opened(RelayChannel):
-    """A channel whose opening is recorded, for the connection tests."""
-
-    def __init__(self, **kw: Any) -> None:
-        sock = SocketSide()
-        sock.makeConnection(FakeSocketTransport())
-        super().__init__(sock, **kw)
-        self.openedWith: bytes | None = None
-        self.failed: Any = None
-
-    def channelOpen(self, specificData: bytes) -> None:
-        self.openedWith = specificData
-
-    def openFailed(self, reason: Any) -> None:
-        self.failed = reason
-
-
-class LookupAvatar:
-    def __init__(self, result: Any) -> None:
-        self.result = result
-
-    def lookupChannel(self, kind: bytes, window: int, maxPacket: int, data: bytes) -> Any:
-        if isinstance(self.result, BaseException):
-            raise self.result
-        return self.result
-
-
-def openPacket(kind: bytes = b"direct-tcpip", sender: int = 7, data: bytes = b"xyz") -> bytes:
-    return NS(kind) + struct.pack(">3L", sender, 1 << 20, 32768) + data
 
 
 def service(avatar: Any) -> tuple[DeferredOpenConnection, FakeSSHTransport]:
@@ -679,7 +489,7 @@ def test_streamlocal_forward_lifecycle(sockdir: Path) -> Iterator[Deferred[Any]]
     assert forward(NS(os.fsencode(path))) == 1  # the same path again: fine, as OpenSSH
     assert len(avatar.forwards.listeners) == 1
     assert cancel(NS(os.fsencode(path))) == 1
-    yield deferLaterZero()
+    yield avatar.forwards.whenClosed()
     assert not path.exists()
     assert cancel(NS(os.fsencode(path))) == 1  # unknown path: still true, as upstream
 
@@ -702,8 +512,7 @@ def test_stale_socket_and_file_are_replaced_but_a_directory_is_not(
     directory = sockdir / "dir.sock"
     directory.mkdir()
     assert forward(NS(os.fsencode(directory))) == 0 and directory.is_dir()
-    avatar.forwards.close()
-    yield deferLaterZero()
+    yield avatar.forwards.close()
     assert not stale.exists() and not regular.exists() and directory.is_dir()
 
 
@@ -715,21 +524,10 @@ def test_socket_taken_over_by_another_connection_survives_the_first(
     path = os.fsencode(sockdir / "shared.sock")
     assert first.globalRequests[b"streamlocal-forward@openssh.com"](NS(path)) == 1
     assert second.globalRequests[b"streamlocal-forward@openssh.com"](NS(path)) == 1
-    first.forwards.close()
-    yield deferLaterZero()
+    yield first.forwards.close()
     assert connectable(Path(os.fsdecode(path)))  # still the second connection's
-    second.forwards.close()
-    yield deferLaterZero()
+    yield second.forwards.close()
     assert not os.path.exists(path)
-
-
-def deferLaterZero() -> Deferred[None]:
-    """Let the reactor run the listeners' deferred close (``stopListening``)."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    d: Deferred[None] = deferLater(reactor, 0.01, lambda: None)
-    return d
 
 
 @pytest_twisted.inlineCallbacks
@@ -792,10 +590,7 @@ def test_accepted_connections_open_forwarded_channels_naming_the_bound_port(
     unixClient = socket.socket(socket.AF_UNIX)
     unixClient.connect(str(path))
     try:
-        for _ in range(100):
-            if len(avatar.conn.opened) == 2:
-                break
-            yield deferLaterZero()
+        yield avatar.conn.whenOpened(2)
         byName = {chan.name: (chan, extra) for chan, extra in avatar.conn.opened}
         chan, extra = byName[b"forwarded-tcpip"]
         origin = tcpClient.getsockname()
@@ -808,8 +603,7 @@ def test_accepted_connections_open_forwarded_channels_naming_the_bound_port(
     finally:
         tcpClient.close()
         unixClient.close()
-        avatar.forwards.close()
-        yield deferLaterZero()
+        yield avatar.forwards.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", bound), timeout=5).close()
 

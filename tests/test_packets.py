@@ -16,7 +16,6 @@ import pytest
 from twisted.conch.ssh.transport import SSHCiphers, SSHTransportBase
 from twisted.internet.testing import StringTransport
 
-from coderagent.ssh.factory import AgentServerTransport
 from coderagent.ssh.packets import (
     DISCONNECT_MAC_ERROR,
     DISCONNECT_PROTOCOL_ERROR,
@@ -26,6 +25,7 @@ from coderagent.ssh.packets import (
     PacketError,
     Sealer,
 )
+from coderagent.ssh.transport import AgentServerTransport
 
 CIPHERS = [c for c in AgentServerTransport.supportedCiphers]
 MACS = [m for m in AgentServerTransport.supportedMACs]

@@ -6,8 +6,8 @@ real temporary directory.  The thread runner is synchronous, so every reply
 is there after one ``pump.flush()``: no reactor, no threads, no sleeping.
 
 Every test also checks, through a proxy standing in for the ``os``, ``pwd``
-and ``grp`` modules inside ``coderagent.ssh.sftp``, that no blocking call was
-made outside ``runInThread``, and that nothing was logged as an error (Conch
+and ``grp`` modules inside every module of ``coderagent.ssh.sftp``, that no
+blocking call was made outside ``runInThread``, and that nothing was logged as an error (Conch
 logs unexpected exceptions at critical level).
 
 The last test talks to the real OpenSSH ``sftp`` client through ``sftp -D``.
@@ -19,7 +19,9 @@ import errno
 import functools
 import gc
 import grp
+import importlib
 import os
+import pkgutil
 import pwd
 import random
 import shutil
@@ -48,6 +50,7 @@ from zope.interface.verify import verifyObject
 
 from coderagent.ssh import sftp
 from coderagent.ssh.sftp import AgentSFTPServer
+from coderagent.ssh.sftp.errors import fromOSError, sftpError
 
 ROOT = Path(__file__).resolve().parents[1]
 PURE = {"fsencode", "fsdecode", "strerror", "join", "fspath"}
@@ -200,8 +203,11 @@ def umask() -> Iterator[int]:
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[CallLog]:
     log = CallLog()
-    for name, module in (("os", os), ("pwd", pwd), ("grp", grp)):
-        monkeypatch.setattr(sftp, name, Guard(module, log))
+    for info in pkgutil.iter_modules(sftp.__path__):
+        inside = importlib.import_module(f"{sftp.__name__}.{info.name}")
+        for name, module in (("os", os), ("pwd", pwd), ("grp", grp)):
+            if getattr(inside, name, None) is module:
+                monkeypatch.setattr(inside, name, Guard(module, log))
     yield log
     assert log.outside == [], f"blocking calls outside runInThread: {log.outside}"
 
@@ -783,11 +789,11 @@ def test_close_is_idempotent(s: Session) -> None:
 
 
 def test_os_errors_become_sftp_errors_without_raw_errno_leaking() -> None:
-    e = sftp._fromOSError(OSError(errno.ENOTEMPTY, "Directory not empty"))
+    e = fromOSError(OSError(errno.ENOTEMPTY, "Directory not empty"))
     assert (e.code, e.message) == (ft.FX_FAILURE, "Directory not empty")
-    e = sftp._fromOSError(OSError(errno.EPERM, "Operation not permitted"))
+    e = fromOSError(OSError(errno.EPERM, "Operation not permitted"))
     assert e.code == ft.FX_PERMISSION_DENIED
-    assert sftp._sftpError(ft.FX_FAILURE, "caf\xe9").message == "caf\\xe9"
+    assert sftpError(ft.FX_FAILURE, "caf\xe9").message == "caf\\xe9"
 
 
 def test_times_outside_32_bits_wrap_like_openssh(s: Session, home: Path) -> None:

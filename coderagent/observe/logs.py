@@ -44,6 +44,8 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
+from coderagent.compat import CLIENT_SERVICE_LOG_NAMESPACE
+
 _LEVELS = {
     LogLevel.debug: "debu",
     LogLevel.info: "info",
@@ -224,7 +226,7 @@ class QuietConch:
     """Drops Conch's below-warning events.
 
     Conch's classes log through class-level ``Logger`` attributes, whose
-    namespace is the *subclass's* (``coderagent.ssh.factory.AgentConnection``),
+    namespace is the *subclass's* (``coderagent.ssh.connection.AgentConnection``),
     so a namespace filter misses them; the event's source object does not lie.
     """
 
@@ -271,7 +273,7 @@ def agentLogObserver(
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
     levels.setLogLevelForNamespace("twisted.conch", LogLevel.warn)
     # ClientService's own "Scheduling retry" line; the coderd client says it better.
-    levels.setLogLevelForNamespace("twisted.application._client_service", LogLevel.warn)
+    levels.setLogLevelForNamespace(CLIENT_SERVICE_LOG_NAMESPACE, LogLevel.warn)
     return FilteringLogObserver(_Fanout(sinks), [QuietConch(), levels])
 
 

@@ -1,1 +1,1 @@
-"""The SSH server: host keys, authentication, avatar, sessions and SFTP."""
+"""The SSH server: host keys, authentication, transport, connection, sessions, forwarding, SFTP."""

@@ -5,7 +5,7 @@ slice their receive buffer once per packet: a 32 KiB channel-data packet is
 copied about seven times on its way out and ten on its way in, and each MAC
 is computed with a fresh ``hmac.HMAC`` over ``seq + packet`` (one more copy).
 On a bulk forward that copying, not the cipher, is what a Python server
-spends its core on (``shared/reference/perf-baseline.md`` item 4).
+spends its core on.
 
 :class:`Sealer` and :class:`Opener` keep the wire format exactly, but feed
 the cipher and the MAC piece by piece (header, payload parts, padding) from
@@ -27,7 +27,8 @@ from typing import Any
 #: packet_length, padding_length, message type.
 _HEAD = struct.Struct(">LBB")
 _SEQ = struct.Struct(">L")
-_CHANNEL_DATA_HEAD = struct.Struct(">LL")
+#: The head of a CHANNEL_DATA payload: recipient channel, data length.
+CHANNEL_DATA_HEAD = struct.Struct(">LL")
 
 #: Bytes of a packet decrypted before the rest has to be there.
 HEAD_SIZE = _HEAD.size
@@ -203,7 +204,7 @@ class Opener:
         recipient = -1
         if messageType == MSG_CHANNEL_DATA and bodyLength >= 8:
             dataHead = update(view[pos : pos + 8])
-            recipient, dataLength = _CHANNEL_DATA_HEAD.unpack(dataHead)
+            recipient, dataLength = CHANNEL_DATA_HEAD.unpack(dataHead)
             if dataLength == bodyLength - 8:
                 data = update(view[pos + 8 : pos + bodyLength])
             else:  # malformed: let the ordinary handler refuse it

@@ -42,7 +42,8 @@ from coderagent.policy import (
     Policy,
 )
 from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo, sessionEnvironment
-from coderagent.ssh.factory import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from coderagent.ssh.interfaces import IWindowedChannel
+from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 
 log = Logger()
 
@@ -170,7 +171,7 @@ class _SubsystemTransport:
         return host
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IWindowedChannel)
 class SessionChannel(channel.SSHChannel):
     """One SSH ``session`` channel and the process or subsystem it runs."""
 
@@ -191,6 +192,7 @@ class SessionChannel(channel.SSHChannel):
         self.sftp: Any = None
         self.command: str | None = None
         self.consumerPaused = False
+        self.windowCap = self.localWindowSize
         self._started = False
         self._ended = False
         self._finishing: int | tuple[str, bool] | None = None

@@ -127,3 +127,15 @@ def test_controlmaster_300_execs_keep_every_exit_status(
         assert failures == []
     finally:
         subprocess.run([*base, "-O", "exit", target], capture_output=True, timeout=30)
+
+
+def test_rekeying_mid_transfer_loses_nothing(agent: Agent, clientKeys: ClientKeys) -> None:
+    # The client re-keys every 256 KiB: during each key exchange the agent
+    # must hold back channel data and send it, in order, after NEWKEYS.
+    data = os.urandom(8 * 1024 * 1024)
+    result = ssh(
+        agent, clientKeys.key, "cat", input=data, options=["-v", "-o", "RekeyLimit=256K"]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert hashlib.sha256(result.stdout).digest() == hashlib.sha256(data).digest()
+    assert result.stderr.count(b"SSH2_MSG_NEWKEYS received") > 10

@@ -33,7 +33,7 @@ import pytest
 from paramiko.common import cMSG_CHANNEL_OPEN, cMSG_GLOBAL_REQUEST
 from paramiko.message import Message
 
-from coderagent.ssh.factory import CHANNEL_WINDOW
+from coderagent.ssh.windows import CHANNEL_WINDOW
 from tests.agentproc import TIMEOUT, Agent, ClientKeys, runningAgent, sshOptions
 
 MiB = 1024 * 1024

@@ -10,22 +10,21 @@ request                                    direction    module
 =========================================  ===========  =========================
 
 Every path asks the :class:`~coderagent.policy.Policy` first and moves bytes
-through :mod:`.relay` (half-close, back-pressure).  What one SSH connection
-creates is tracked in its :class:`~.registry.Forwards` and closed with it.
+through :mod:`.relay` (half-close, back-pressure); :mod:`.sockets` dials the
+socket of a ``direct-*`` open and accepts those of a reverse forward.  What
+one SSH connection creates is tracked in its :class:`~.registry.Forwards` and
+closed with it.
 ``direct-*`` opens answer only once connected, which needs the connection
 class from :mod:`.opening`.
-
-This package's ``__init__`` imports nothing at module level, so that
-``coderagent.ssh.factory`` can import :mod:`.opening` while the forwarders
-themselves import the factory's window sizes.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from coderagent.ssh.forwarding.registry import Forwards
+from coderagent.ssh.forwarding.registry import Forwards
+from coderagent.ssh.forwarding.streamlocal import StreamLocalForwarding
+from coderagent.ssh.forwarding.tcp import TCPForwarding
 
 __all__ = ["installForwarding"]
 
@@ -36,10 +35,6 @@ def installForwarding(avatar: Any) -> Forwards:
     Returns the connection's :class:`~.registry.Forwards`; call its
     ``close()`` when the connection ends.
     """
-    from coderagent.ssh.forwarding.registry import Forwards
-    from coderagent.ssh.forwarding.streamlocal import StreamLocalForwarding
-    from coderagent.ssh.forwarding.tcp import TCPForwarding
-
     forwards = Forwards(avatar)
     tcp = TCPForwarding(forwards)
     unix = StreamLocalForwarding(forwards)

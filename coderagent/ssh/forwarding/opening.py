@@ -13,8 +13,9 @@ it is refused with that code and text).  A plain channel is confirmed at
 once, as before.  Opens still pending when the connection ends are
 cancelled, so a slow connect cannot outlive its SSH connection.
 
-This module imports nothing from ``coderagent`` so that
-``coderagent.ssh.factory`` can build its connection class on it.
+It is Conch's connection with only that changed, and imports nothing from
+``coderagent``; :class:`coderagent.ssh.connection.AgentConnection` builds
+on it.
 """
 
 from __future__ import annotations

@@ -5,17 +5,10 @@ the listeners that connection created (so they all close when it ends, and
 one connection can never cancel another's), answers who the peer is for log
 lines, and accounts for refusals: every one is logged at WARN with what was
 asked for and counted in ``agent_ssh_forwarding_refused_total``.
-
-It also holds :class:`Payload`, a strict reader for request payloads: each
-length is checked against what is left, so truncated, mistyped or absurdly
-long fields become :class:`MalformedPayload`, never an exception that escapes
-into Conch.
 """
 
 from __future__ import annotations
 
-import os
-import struct
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.conch.error import ConchError
@@ -24,7 +17,7 @@ from twisted.conch.ssh.connection import (
     OPEN_CONNECT_FAILED,
     SSHConnection,
 )
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -35,64 +28,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-_U32 = struct.Struct(">L")
 
-
-class MalformedPayload(ValueError):
-    """A request payload that does not have the fields its type requires."""
-
-
-class Payload:
-    """Reads SSH wire fields (RFC 4251 §5) from one request's payload."""
-
-    __slots__ = ("_data", "_pos")
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def uint32(self) -> int:
-        end = self._pos + 4
-        if end > len(self._data):
-            raise MalformedPayload("truncated uint32")
-        (value,) = _U32.unpack_from(self._data, self._pos)
-        self._pos = end
-        return int(value)
-
-    def string(self) -> bytes:
-        length = self.uint32()
-        end = self._pos + length
-        if end > len(self._data):
-            raise MalformedPayload(
-                f"string of {length} bytes with {len(self._data) - self._pos} left"
-            )
-        value = self._data[self._pos : end]
-        self._pos = end
-        return value
-
-    def text(self) -> str:
-        """A string field that must be UTF-8 (host names)."""
-        try:
-            return self.string().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise MalformedPayload("string is not UTF-8") from e
-
-    def path(self) -> str:
-        """A file system path: any bytes but NUL, decoded as the OS does."""
-        raw = self.string()
-        if not raw or b"\0" in raw:
-            raise MalformedPayload("empty path or NUL in path")
-        return os.fsdecode(raw)
-
-    def port(self) -> int:
-        value = self.uint32()
-        if value > 0xFFFF:
-            raise MalformedPayload(f"port {value} out of range")
-        return value
-
-    def end(self) -> None:
-        if self._pos != len(self._data):
-            raise MalformedPayload(f"{len(self._data) - self._pos} unexpected trailing bytes")
+#: What a refusal's log line shows for a target that could not be parsed.
+UNPARSED = "<unparsable payload>"
 
 
 def hostPort(host: str, port: int) -> str:
@@ -118,6 +56,8 @@ class Forwards:
         #: Listeners this connection asked for, keyed by (kind, address).
         self.listeners: dict[tuple[str, str, int], Listener] = {}
         self.closed = False
+        #: Closes begun (by a cancel or by close()) that have not finished.
+        self._closing: set[Deferred[None]] = set()
 
     @property
     def policy(self) -> Policy:
@@ -200,12 +140,26 @@ class Forwards:
         self._close(listener)
         return True
 
-    def close(self) -> None:
-        """Close every listener this connection created (it is going away)."""
+    def close(self) -> Deferred[None]:
+        """Close every listener this connection created (it is going away).
+
+        Returns :meth:`whenClosed`: what closes here, and what a cancel was
+        still closing, is closed when it fires.
+        """
         self.closed = True
         listeners, self.listeners = self.listeners, {}
         for listener in listeners.values():
             self._close(listener)
+        return self.whenClosed()
+
+    def whenClosed(self) -> Deferred[None]:
+        """Fires once every listener whose close has begun is closed.
+
+        Closed means the socket is gone and a Unix socket's file removed.
+        Never fails: a failure to close is logged, not passed on.
+        """
+        closing: Deferred[list[None]] = gatherResults(list(self._closing))
+        return closing.addCallback(lambda _: None)
 
     def _close(self, listener: Listener) -> None:
         peer = self.peer()
@@ -219,7 +173,12 @@ class Forwards:
                 "closing forwarding listener {what} failed", reason, what=listener.description
             )
 
-        maybeDeferred(listener.close).addCallbacks(closed, failed)
+        def settled(_: None) -> None:
+            self._closing.discard(closing)
+
+        closing: Deferred[None] = maybeDeferred(listener.close).addCallbacks(closed, failed)
+        self._closing.add(closing)
+        closing.addCallback(settled)
 
 
 #: Upstream's log texts for each kind of refusal.

@@ -27,13 +27,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.conch.ssh import channel
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from coderagent.ssh.factory import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from coderagent.ssh.interfaces import IWindowedChannel
+from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 
 log = Logger()
 
@@ -82,7 +83,7 @@ class SocketSide(Protocol):
             self.channel.socketLost()
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IWindowedChannel)
 class RelayChannel(channel.SSHChannel):
     """An SSH channel relaying to :class:`SocketSide` ``socket``.
 
@@ -102,6 +103,7 @@ class RelayChannel(channel.SSHChannel):
         self.socket = socket
         socket.channel = self
         self.consumerPaused = False
+        self.windowCap = self.localWindowSize
         self._open = False
         # Socket-to-client direction: an EOF (and maybe CLOSE) waits for the
         # buffered data to be sent first.
@@ -254,15 +256,3 @@ class RelayChannel(channel.SSHChannel):
             sock.transport.abortConnection()
         else:
             sock.transport.loseConnection()
-
-
-class OneSocketFactory(Factory):
-    """Hands out one prepared protocol: ``connectProtocol`` without its log lines."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.prepared = protocol
-
-    def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        return self.prepared

@@ -28,18 +28,25 @@ from typing import Any
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import common, connection
-from twisted.internet import error, tcp, unix
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet import error, unix
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderagent.compat import closeUnixPortKeepingFile
 from coderagent.gotext import goQuote
-from coderagent.ssh.forwarding.registry import Forwards, MalformedPayload, Payload
-from coderagent.ssh.forwarding.relay import OneSocketFactory, RelayChannel, SocketSide
-from coderagent.ssh.forwarding.tcp import CONNECT_TIMEOUT, UNPARSED, describeConnectError
+from coderagent.ssh.forwarding.registry import UNPARSED, Forwards
+from coderagent.ssh.forwarding.relay import RelayChannel
+from coderagent.ssh.forwarding.sockets import (
+    CONNECT_TIMEOUT,
+    AcceptedSocket,
+    ForwardedFactory,
+    describeConnectError,
+    dial,
+)
+from coderagent.ssh.wire import MalformedPayload, Payload
 
 log = Logger()
 
@@ -52,34 +59,13 @@ def displayPath(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "replace")
 
 
-class _ForwardedUnixFactory(Factory):
-    noisy = False
+class _AcceptedUnix(AcceptedSocket):
+    """A connection to a ``streamlocal-forward@openssh.com`` listener."""
 
-    def __init__(self, forwards: Forwards, path: str) -> None:
-        self.forwards = forwards
-        self.path = path
+    channelName = b"forwarded-streamlocal@openssh.com"
 
-    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        conn = getattr(self.forwards.avatar, "conn", None)
-        if self.forwards.closed or conn is None:
-            return None
-        return _AcceptedUnix(self, conn)
-
-
-class _AcceptedUnix(SocketSide):
-    def __init__(self, factory: _ForwardedUnixFactory, conn: Any) -> None:
-        self.factory = factory
-        self.conn = conn
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        chan = RelayChannel(
-            self,
-            name=b"forwarded-streamlocal@openssh.com",
-            conn=self.conn,
-            avatar=self.factory.forwards.avatar,
-        )
-        self.conn.openChannel(chan, common.NS(os.fsencode(self.factory.path)) + common.NS(b""))
+    def channelData(self) -> bytes:
+        return common.NS(os.fsencode(self.factory.address)) + common.NS(b"")
 
 
 class UnixForwardPort(unix.Port):
@@ -104,8 +90,8 @@ class UnixForwardPort(unix.Port):
                 os.unlink(self.path)
         except OSError:
             pass
-        # Skip unix.Port.connectionLost: it unlinks the path unconditionally.
-        tcp.Port.connectionLost(self, reason)
+        # Not unix.Port's: it unlinks the path unconditionally.
+        closeUnixPortKeepingFile(self, reason)
 
     def close(self) -> Deferred[None] | None:
         closing: Deferred[None] | None = self.stopListening()
@@ -154,27 +140,21 @@ class StreamLocalForwarding:
                 connection.OPEN_CONNECT_FAILED,
             ) from None
         f.requireDeferredOpens()
-        sock = SocketSide()
-        endpoint = UNIXClientEndpoint(f.reactor, path, timeout=CONNECT_TIMEOUT)
+        shown = displayPath(path)
 
-        def connected(_: object) -> RelayChannel:
-            return RelayChannel(
-                sock, remoteWindow=remoteWindow, remoteMaxPacket=remoteMaxPacket, avatar=avatar
-            )
+        def failureText(e: BaseException | None) -> str:
+            why = describeConnectError(e, shown)
+            return f"dial unix socket {goQuote(path)}: dial unix {shown}: {why}"
 
-        def failed(reason: Failure) -> Failure:
-            if reason.check(CancelledError):
-                return reason  # the SSH connection went away first
-            shown = displayPath(path)
-            why = describeConnectError(reason.value, shown)
-            message = f"dial unix socket {goQuote(path)}: dial unix {shown}: {why}"
-            log.info(
-                "direct-streamlocal from {peer} failed: {message}", peer=f.peer(), message=message
-            )
-            return Failure(ConchError(message, connection.OPEN_CONNECT_FAILED))
-
-        connecting: Deferred[object] = endpoint.connect(OneSocketFactory(sock))
-        return connecting.addCallbacks(connected, failed)
+        return dial(
+            f,
+            UNIXClientEndpoint(f.reactor, path, timeout=CONNECT_TIMEOUT),
+            request="direct-streamlocal",
+            failureText=failureText,
+            remoteWindow=remoteWindow,
+            remoteMaxPacket=remoteMaxPacket,
+            avatar=avatar,
+        )
 
     # -- streamlocal-forward@openssh.com / cancel --------------------------------
 
@@ -193,7 +173,7 @@ class StreamLocalForwarding:
         key = ("unix", path, 0)
         if key in f.listeners:
             return 1  # as OpenSSH: a repeat on the same connection is not an error
-        port = UnixForwardPort(path, _ForwardedUnixFactory(f, path), f.reactor)
+        port = UnixForwardPort(path, ForwardedFactory(f, _AcceptedUnix, path), f.reactor)
         try:
             parent = os.path.dirname(path)
             if parent:

@@ -13,82 +13,45 @@ before any connect or bind.
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Any
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import common, connection
-from twisted.internet import defer, error
+from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IAddress, IListeningPort, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from coderagent.ssh.forwarding.registry import Forwards, MalformedPayload, Payload, hostPort
-from coderagent.ssh.forwarding.relay import OneSocketFactory, RelayChannel, SocketSide
+from coderagent.ssh.forwarding.registry import UNPARSED, Forwards, hostPort
+from coderagent.ssh.forwarding.relay import RelayChannel
+from coderagent.ssh.forwarding.sockets import (
+    CONNECT_TIMEOUT,
+    AcceptedSocket,
+    ForwardedFactory,
+    describeConnectError,
+    dial,
+)
+from coderagent.ssh.wire import MalformedPayload, Payload
 
 log = Logger()
 
-#: How long a ``direct-tcpip`` connect may take before the open fails.
-CONNECT_TIMEOUT = 30.0
 
-#: Text standing in for a target that could not be parsed (for refusals).
-UNPARSED = "<unparsable payload>"
+class _AcceptedTCP(AcceptedSocket):
+    """A connection to a ``tcpip-forward`` listener."""
 
+    channelName = b"forwarded-tcpip"
 
-def describeConnectError(e: BaseException | None, host: str) -> str:
-    """A Go-like reason for a failed connect, for the open-failure text."""
-    if isinstance(e, error.DNSLookupError):
-        return f"lookup {host}: no such host"
-    if isinstance(e, error.TimeoutError | defer.TimeoutError | error.ConnectingCancelledError):
-        return "i/o timeout"
-    number = getattr(e, "osError", None)
-    if isinstance(number, int):
-        return "connect: " + os.strerror(number).lower()
-    if isinstance(e, error.ConnectionRefusedError):
-        return "connect: connection refused"
-    return str(e) or type(e).__name__
-
-
-class _ForwardedTCPFactory(Factory):
-    """Accepts connections on a ``tcpip-forward`` listener."""
-
-    noisy = False
-
-    def __init__(self, forwards: Forwards, address: str) -> None:
-        self.forwards = forwards
-        self.address = address
-        self.boundPort = 0
-
-    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        conn = getattr(self.forwards.avatar, "conn", None)
-        if self.forwards.closed or conn is None:
-            return None
-        return _AcceptedTCP(self, conn)
-
-
-class _AcceptedTCP(SocketSide):
-    def __init__(self, factory: _ForwardedTCPFactory, conn: Any) -> None:
-        self.factory = factory
-        self.conn = conn
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
+    def channelData(self) -> bytes:
         peer = self.transport.getPeer()
-        payload = (
+        return (
             common.NS(self.factory.address.encode("utf-8"))
             + struct.pack(">L", self.factory.boundPort)
             + common.NS(str(getattr(peer, "host", "")).encode("utf-8"))
             + struct.pack(">L", int(getattr(peer, "port", 0)))
         )
-        chan = RelayChannel(
-            self, name=b"forwarded-tcpip", conn=self.conn, avatar=self.factory.forwards.avatar
-        )
-        self.conn.openChannel(chan, payload)
 
 
 class _Listener:
@@ -154,25 +117,18 @@ class TCPForwarding:
             ) from None
         f.requireDeferredOpens()
         target = hostPort(host, port)
-        sock = SocketSide()
         try:
-            connecting = _endpointFor(f.reactor, host, port).connect(OneSocketFactory(sock))
+            return dial(
+                f,
+                _endpointFor(f.reactor, host, port),
+                request="direct-tcpip",
+                failureText=lambda e: f"dial tcp {target}: {describeConnectError(e, host)}",
+                remoteWindow=remoteWindow,
+                remoteMaxPacket=remoteMaxPacket,
+                avatar=avatar,
+            )
         except (ValueError, UnicodeError) as e:  # a host name IDNA cannot encode
             raise ConchError(f"dial tcp {target}: {e}", connection.OPEN_CONNECT_FAILED) from None
-
-        def connected(_: object) -> RelayChannel:
-            return RelayChannel(
-                sock, remoteWindow=remoteWindow, remoteMaxPacket=remoteMaxPacket, avatar=avatar
-            )
-
-        def failed(reason: Failure) -> Failure:
-            if reason.check(CancelledError):
-                return reason  # the SSH connection went away first
-            message = f"dial tcp {target}: {describeConnectError(reason.value, host)}"
-            log.info("direct-tcpip from {peer} failed: {message}", peer=f.peer(), message=message)
-            return Failure(ConchError(message, connection.OPEN_CONNECT_FAILED))
-
-        return connecting.addCallbacks(connected, failed)
 
     # -- tcpip-forward / cancel-tcpip-forward ---------------------------------
 
@@ -189,7 +145,7 @@ class TCPForwarding:
         except MalformedPayload as e:
             f.malformed("tcpip-forward", e)
             return 0
-        factory = _ForwardedTCPFactory(f, address)
+        factory = ForwardedFactory(f, _AcceptedTCP, address)
         try:
             listening = f.reactor.listenTCP(port, factory, interface=_bindInterface(address))
         except (error.CannotListenError, OSError, ValueError) as e:

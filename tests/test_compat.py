@@ -1,0 +1,234 @@
+# Twisted and pytest-twisted are partly unannotated (as in pyproject's coderagent.* override).
+# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
+"""Each private Twisted name in ``coderagent.compat``, against the installed Twisted.
+
+These tests are about Twisted, not about the agent: each checks that a name
+``compat`` relies on still exists and still behaves as ``compat`` says.  A
+failure here after a Twisted upgrade names what changed; fix ``compat`` (and
+only ``compat``) before moving ``setup.cfg``'s upper bound.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.application.internet import ClientService
+from twisted.conch.ssh import transport
+from twisted.conch.ssh.transport import SSHCiphers, SSHTransportBase
+from twisted.internet import defer, error, tcp, unix
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import (
+    LogLevel,
+    LogLevelFilterPredicate,
+    PredicateResult,
+    globalLogPublisher,
+)
+from twisted.python.failure import Failure
+
+from coderagent import compat
+
+MSG_CHANNEL_DATA = 94
+MSG_SERVICE_ACCEPT = 6
+MSG_KEXDH_INIT = 30
+
+
+def _plain() -> SSHCiphers:
+    ciphers = SSHCiphers(b"none", b"none", b"none", b"none")
+    ciphers.setKeys(b"", b"", b"", b"", b"", b"")
+    return ciphers
+
+
+class _Recording(SSHTransportBase):
+    """A Conch transport that counts how often a key exchange is started."""
+
+    isClient = False
+    supportedPublicKeys = [b"ssh-ed25519"]
+    kexInits = 0
+
+    def sendKexInit(self) -> None:
+        self.kexInits += 1
+        super().sendKexInit()
+
+
+def _idle() -> tuple[_Recording, StringTransport]:
+    """A transport between key exchanges, writing to ``wire``."""
+    t = _Recording()
+    wire = StringTransport()
+    t.transport = wire
+    t.currentEncryptions = _plain()
+    t.outgoingPacketSequence = 0
+    t.outgoingCompressionType = t.incomingCompressionType = b"none"
+    return t, wire
+
+
+def _packets(data: bytes) -> list[bytes]:
+    """What Conch's own reader makes of ``data``: message type byte + payload each."""
+    reader = SSHTransportBase()
+    reader.currentEncryptions = _plain()
+    reader.incomingPacketSequence = 0
+    reader.buf = data
+    out = []
+    while (packet := reader.getPacket()) is not None:
+        out.append(packet)
+    assert reader.buf == b""
+    return out
+
+
+# -- key exchange ---------------------------------------------------------------
+
+
+def test_a_key_exchange_runs_from_sendKexInit_to_newKeys_and_holds_packets_back() -> None:
+    t, wire = _idle()
+    assert compat.inKeyExchange(t) is False
+    t.sendKexInit()
+    assert compat.inKeyExchange(t) is True
+    # Key exchange messages may go; connection-layer ones and a service
+    # accept wait (RFC 4253 section 7.1).
+    assert compat.holdForKeyExchange(t, MSG_KEXDH_INIT, [b"x"]) is False
+    assert compat.holdForKeyExchange(t, MSG_CHANNEL_DATA, (b"ab", memoryview(b"cd"))) is True
+    assert compat.holdForKeyExchange(t, MSG_SERVICE_ACCEPT, (b"svc",)) is True
+    sent = len(wire.value())
+    t.nextEncryptions = _plain()
+    t._newKeys()
+    assert compat.inKeyExchange(t) is False
+    assert _packets(wire.value()[sent:]) == [bytes([MSG_CHANNEL_DATA]) + b"abcd", b"\x06svc"]
+
+
+def test_the_peers_kexinit_starts_a_key_exchange_through_sendKexInit() -> None:
+    peer, _ = _idle()
+    peer.sendKexInit()
+    t, _ = _idle()
+    t.ssh_KEXINIT(peer.ourKexInitPayload[1:])
+    assert t.kexInits == 1
+    assert compat.inKeyExchange(t) is True
+
+
+def test_the_state_it_reads_is_conchs() -> None:
+    assert SSHTransportBase._keyExchangeState == SSHTransportBase._KEY_EXCHANGE_NONE
+    assert SSHTransportBase._blockedByKeyExchange is None
+    allowed = SSHTransportBase()._allowedKeyExchangeMessageType
+    assert [allowed(n) for n in (transport.MSG_KEXINIT, MSG_KEXDH_INIT, MSG_CHANNEL_DATA)] == [
+        False,
+        True,
+        False,
+    ]
+
+
+# -- strports ---------------------------------------------------------------------
+
+
+def test_server_descriptions_are_parsed_without_a_reactor() -> None:
+    assert compat.parseServerDescription("tcp:2222:interface=127.0.0.1") == (
+        "TCP",
+        (2222, None),
+        {"interface": "127.0.0.1", "backlog": 50},
+    )
+    assert compat.parseServerDescription("unix:/run/a.sock:mode=600") == (
+        "UNIX",
+        ("/run/a.sock", None),
+        {"mode": 0o600, "backlog": 50, "wantPID": True},
+    )
+    with pytest.raises(ValueError, match="Unknown endpoint type"):
+        compat.parseServerDescription("bogus:1")
+    with pytest.raises(ValueError):
+        compat.parseServerDescription("tcp:port")
+
+
+# -- Unix listening ports ---------------------------------------------------------
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # Short: a Unix socket path must fit in 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="compat", dir="/tmp") as d:
+        yield Path(d)
+
+
+class _KeepsFile(unix.Port):
+    def connectionLost(self, reason: Failure) -> None:
+        compat.closeUnixPortKeepingFile(self, reason)
+
+
+def _refused(path: Path) -> bool:
+    """Whether connecting to ``path`` is refused: a socket file nobody listens on."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except ConnectionRefusedError:
+            return True
+        return False
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_unix_port_closes_fully_but_keeps_its_file(sockdir: Path) -> Iterator[Deferred[Any]]:
+    from twisted.internet import reactor
+
+    assert issubclass(unix.Port, tcp.Port)
+    factory = Factory.forProtocol(Protocol)
+    kept, removed = sockdir / "kept.sock", sockdir / "removed.sock"
+    port = _KeepsFile(os.fsencode(kept), factory, reactor=reactor)
+    port.startListening()
+    plain = unix.Port(os.fsencode(removed), factory, reactor=reactor)
+    plain.startListening()
+    yield port.stopListening()
+    yield plain.stopListening()
+    assert stat.S_ISSOCK(os.lstat(kept).st_mode) and _refused(kept)
+    assert not port.connected and port.fileno() == -1
+    assert not removed.exists()  # what unix.Port itself would have done
+
+
+# -- child processes ----------------------------------------------------------------
+
+
+class _Ended(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_reactors_children_are_known_until_reaped() -> Iterator[Deferred[Any]]:
+    from twisted.internet import reactor
+
+    protocol = _Ended()
+    child = reactor.spawnProcess(protocol, "/bin/cat", ["cat"], env={})
+    assert child.pid in compat.reactorChildren()
+    child.closeStdin()
+    yield protocol.ended
+    assert child.pid not in compat.reactorChildren()
+
+
+# -- log namespaces -----------------------------------------------------------------
+
+
+class _Refusing:
+    def connect(self, factory: Any) -> Deferred[Any]:
+        return defer.fail(error.ConnectionRefusedError())
+
+
+def test_client_service_logs_its_retries_under_the_namespace() -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    service = ClientService(_Refusing(), Factory.forProtocol(Protocol), clock=Clock())
+    try:
+        service.startService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        service.stopService()
+    [retry] = [e for e in events if "Scheduling retry" in e.get("log_format", "")]
+    levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    levels.setLogLevelForNamespace(compat.CLIENT_SERVICE_LOG_NAMESPACE, LogLevel.warn)
+    assert levels(retry) == PredicateResult.no
