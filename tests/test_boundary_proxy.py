@@ -380,6 +380,7 @@ async def test_coderd_refusing_a_batch_five_times_drops_only_it(
         writer = await write(p.path, v1(before) + v1(poison) + v1(after))
         await writer.lost
         await until(coderd, 4)
+        await p.forwarder.drained().addTimeout(TIMEOUT, reactor)  # poison given up too
         assert arrived(coderd) == expected(before, after)
         assert (
             p.value("agent_boundary_log_proxy_batches_dropped_total", reason="forward_failed") == 1

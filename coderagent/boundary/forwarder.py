@@ -26,7 +26,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    FirstError,
+    ensureDeferred,
+    gatherResults,
+)
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,6 +53,8 @@ MAX_REQUEST_BYTES = 3_584 * 1024
 #: What one take from the spool may hold: several sessions' requests.
 MAX_TAKE_LOGS = 8 * MAX_LOGS_PER_REQUEST
 MAX_TAKE_BYTES = 8 * 1024 * 1024
+#: Requests on their way to coderd at once (each of another session).
+MAX_CALLS_IN_FLIGHT = 4
 #: coderd refusing one request this many times in a row drops it.
 MAX_REJECTIONS = 5
 #: How long one ReportBoundaryLogs may take before it is tried again.
@@ -57,7 +66,13 @@ Request = tuple[bytes, int, list[Record]]
 
 
 def requests(records: list[Record]) -> Iterator[Request]:
-    """``(encoded request, log count, records)``: one request per session and run.
+    """Every request :func:`bySession` makes of ``records``, one session after another."""
+    for session in bySession(records):
+        yield from session
+
+
+def bySession(records: list[Record]) -> list[list[Request]]:
+    """``(encoded request, log count, records)`` for each session, its requests in order.
 
     Sessions come in the order of their first batch, each session's batches
     in their order.  Serialized protobuf messages concatenate into their
@@ -69,8 +84,7 @@ def requests(records: list[Record]) -> Iterator[Request]:
     sessions: dict[bytes, list[Record]] = {}
     for record in records:
         sessions.setdefault(record.key, []).append(record)
-    for batches in sessions.values():
-        yield from _runs(batches)
+    return [list(_runs(batches)) for batches in sessions.values()]
 
 
 def _runs(batches: list[Record]) -> Iterator[Request]:
@@ -129,6 +143,9 @@ class Forwarder(Service):
         self.backoff = backoff
         self._loop: Deferred[None] | None = None
         self._waiting: Deferred[Any] | None = None
+        #: Retries waiting for their turn (cancelled at once on stop).
+        self._pauses: set[Deferred[None]] = set()
+        self._calls = DeferredSemaphore(MAX_CALLS_IN_FLIGHT)
         self._failing = False
         self._drained: list[Deferred[None]] = []
 
@@ -154,20 +171,32 @@ class Forwarder(Service):
         while self.running:
             self._waiting = self.spool.available()
             await self._waiting
-            self._waiting = None
             taking = self.spool.take(MAX_TAKE_LOGS, MAX_TAKE_BYTES)
             self._waiting = taking
             records = await taking
             self._waiting = None
             if not records:
                 continue
-            for payload, logs, done in requests(records):
-                await self._deliver(payload, logs, done)
+            # Sessions in parallel (a few calls in flight keep coderd busy), each
+            # session's requests one after the other, so that they stay in order.
+            sessions = [ensureDeferred(self._deliverSession(r)) for r in bySession(records)]
+            try:
+                await gatherResults(sessions, consumeErrors=True)
+            except FirstError as e:  # cancelled at shutdown (delivery itself never fails)
+                e.subFailure.raiseException()
             self.spool.ack(records)
             if self.spool.pendingRecords == 0:
                 waiters, self._drained = self._drained, []
                 for d in waiters:
                     d.callback(None)
+
+    async def _deliverSession(self, runs: list[Request]) -> None:
+        for payload, logs, done in runs:
+            await self._calls.acquire()
+            try:
+                await self._deliver(payload, logs, done)
+            finally:
+                self._calls.release()
 
     async def _deliver(self, payload: bytes, logs: int, records: list[Record]) -> None:
         attempt = rejections = 0
@@ -200,9 +229,12 @@ class Forwarder(Service):
                     )
                 return
             attempt += 1
-            self._waiting = deferLater(self.clock, self.backoff(attempt), lambda: None)
-            await self._waiting
-            self._waiting = None
+            pause = deferLater(self.clock, self.backoff(attempt), lambda: None)
+            self._pauses.add(pause)
+            try:
+                await pause
+            finally:
+                self._pauses.discard(pause)
 
     def _failed(self, why: str) -> None:
         if not self._failing:
@@ -223,8 +255,10 @@ class Forwarder(Service):
         if loop is None:
             done.callback(None)
             return done
+        for pause in list(self._pauses):
+            pause.cancel()
         if self._waiting is not None:
-            self._waiting.cancel()
+            self._waiting.cancel()  # waiting for batches, not for coderd: stop now
         timer = self.clock.callLater(STOP_GRACE, loop.cancel)
 
         def finished(result: object) -> None:

@@ -13,20 +13,19 @@ batches in SQLite and runs in the spool's own thread.  A batch is:
 * **written** by the next group commit (at most ``commitInterval`` later,
   one transaction and one ``fsync`` for everything that came meanwhile),
   unless coderd acknowledged it first, in which case it never needs the disk;
-* **forgotten** once acknowledged (the same transaction deletes it).
+* **forgotten** once acknowledged (a later transaction deletes it).
 
 So a SIGKILL loses nothing accepted more than ``commitInterval`` before,
 and a healthy coderd costs no disk I/O at all.
 
 Bounds: ``maxBytes`` of batches not yet acknowledged; beyond it the oldest
 are dropped (a chunk of ``maxBytes / 16`` at a time) and counted as
-``spool_full``.  ``memoryBytes`` of batches held in memory: batches already
-on disk leave memory first (a later take reads them back); if the disk fails
-(full, read-only), what cannot be written waits in memory, and beyond the
-bound the oldest are dropped and counted as ``buffer_full``, upstream's name
-for the agent's own buffer overflowing.  Delivery is at least once: a batch
-whose acknowledgement was not yet written when the agent stopped is sent
-again.
+``spool_full``.  ``memoryBytes`` of batches held in memory: those already
+on disk leave memory first (a take reads them back when their turn comes);
+if the disk fails (full, read-only), what cannot be written waits in memory,
+and beyond the bound the oldest are dropped and counted as ``buffer_full``,
+upstream's name for the agent's own buffer overflowing.  Delivery is at least once: a batch whose
+acknowledgement was not yet written when the agent stopped is sent again.
 """
 
 from __future__ import annotations
@@ -72,18 +71,20 @@ def sessionKey(sessionId: str, processName: str) -> bytes:
     return h.digest()
 
 
-@dataclass(frozen=True, slots=True)
 class Record:
-    """One batch as the socket received it."""
+    """One batch as the socket received it, and what it counts for in the bound."""
 
-    seq: int
-    logs: int
-    key: bytes
-    payload: bytes
+    __slots__ = ("seq", "logs", "key", "payload", "size")
 
-    @property
-    def size(self) -> int:
-        return RECORD_OVERHEAD + len(self.key) + len(self.payload)
+    def __init__(self, seq: int, logs: int, key: bytes, payload: bytes) -> None:
+        self.seq = seq
+        self.logs = logs
+        self.key = key
+        self.payload = payload
+        self.size = RECORD_OVERHEAD + len(key) + len(payload)
+
+    def __repr__(self) -> str:
+        return f"Record(seq={self.seq}, logs={self.logs}, {len(self.payload)} bytes)"
 
 
 @dataclass(slots=True)
@@ -145,7 +146,6 @@ class Spool:
         self._deleted = 0  # the file holds nothing up to here
         self._evictedThrough = 0  # batches up to here are on disk only, not in memory
         self._writing = False
-        self._writeWaiters: list[Deferred[None]] = []
         self._nextWaiters: list[Deferred[None]] = []
         self._idleWaiters: list[Deferred[None]] = []
         self._commitCall: IDelayedCall | None = None
@@ -296,16 +296,14 @@ class Spool:
                 self.onDrop("spool_full", batches, logs)
 
     def _boundMemory(self) -> None:
-        """Keep at most ``memoryBytes`` of untaken batches in memory."""
+        """Keep at most ``memoryBytes`` of untaken batches in memory: those on disk
+        leave first (a take reads them back); beyond that, the buffer is full."""
         while self._inMemory > self.memoryBytes and len(self._memory) > 1:
-            oldest = self._memory[0]
+            oldest = self._memory.popleft()
+            self._inMemory -= oldest.size
             if oldest.seq <= self._committed and self._db is not None:
-                self._memory.popleft()  # it is on disk: read back when its turn comes
-                self._inMemory -= oldest.size
                 self._evictedThrough = oldest.seq
                 continue
-            self._memory.popleft()  # not on disk, and no room: the agent's buffer is full
-            self._inMemory -= oldest.size
             self._uncount(oldest)
             log.warn(
                 "boundary spool: {limit} bytes of audit logs are waiting in memory for the disk; "

@@ -13,6 +13,7 @@ Nothing here is used by the agent itself.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -173,8 +174,14 @@ def rfc3339Nano(when: datetime) -> str:
     return text + "Z"
 
 
+@functools.lru_cache(maxsize=1024)
+def _utcSeconds(seconds: int) -> str:
+    # Logs of one batch mostly share their second: format it once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
 def _timestamp(seconds: int, nanos: int) -> str:
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    text = _utcSeconds(seconds)
     if nanos:
         text += "." + f"{nanos:09d}".rstrip("0")
     return text + "Z"
