@@ -19,16 +19,9 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderagent.netaddr import describeAddress
+
 log = Logger()
-
-
-def describeAddress(address: Any) -> str:
-    """``host:port`` for IP addresses, the path for Unix sockets."""
-    if hasattr(address, "port"):
-        host = address.host
-        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
-    name = getattr(address, "name", None)
-    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 class ListeningService(Service):

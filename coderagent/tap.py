@@ -1,40 +1,32 @@
 """``twistd coder-agent``: parse the options and wire the services together.
 
-Wiring only.  Each concept is built by its own package (``ssh``, ``policy``,
-``coderd``, ``observe``) and added to one ``MultiService``: the SSH server
-first (it serves whether or not coderd is reachable), then the coderd client
-with the services that talk through it as its children.
+Wiring only: each concept is built by its own package (``ssh``, ``policy``,
+``coderd``, ``boundary``, ``observe``, ``control``), which also does its own
+I/O when its service starts (host keys, the token file, log files, the
+spool), never here.  Everything goes into one ``MultiService``: the SSH
+server first (it serves whether or not coderd is reachable), then the coderd
+client with the services that talk through it as its children.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.application.service import MultiService, Service
-from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.logger import Logger
+from twisted.application.service import MultiService
 
 from coderagent.boundary.service import BoundaryService
 from coderagent.boundary.spool import Spool
 from coderagent.coderd.client import CoderdClient
-from coderagent.coderd.credentials import CredentialsError, resolveCredentials
+from coderagent.coderd.credentials import CredentialsError, checkCredentials
 from coderagent.coderd.lifecycle import Reporter, sessionVariables
-from coderagent.control.server import SOCKET_MODE as CONTROL_SOCKET_MODE
-from coderagent.control.server import ControlFactory
+from coderagent.control.server import controlSocket
 from coderagent.listening import ListeningService
 from coderagent.observe.connections import describeConnections
-from coderagent.observe.debug import debugSite, isLoopback, profilingSite
-from coderagent.observe.http import metricsSite, strportsFor
-from coderagent.observe.logs import (
-    LoggingRoot,
-    RecentLines,
-    agentLogObserver,
-    openSink,
-    rotatingLogFile,
-)
+from coderagent.observe.logs import LogDestinations, LoggingRoot, RecentLines, StartupReport
 from coderagent.observe.metrics import AgentMetrics
+from coderagent.observe.servers import httpServers
 from coderagent.observe.status import AgentStatus
 from coderagent.options import Options
 from coderagent.policy import Policy
@@ -47,31 +39,9 @@ from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
 from coderagent.ssh.session import SessionContext
 from coderagent.ssh.sftp import AgentSFTPServer
-from coderagent.unixsocket import removeStaleSocket
+from coderagent.startup import Preflight
 
 __all__ = ["Options", "makeService"]
-
-log = Logger()
-
-
-class StartupReport(Service):
-    """Says once, at start-up, which of the given options this agent ignores."""
-
-    def __init__(self, ignored: list[str]) -> None:
-        self.ignored = ignored
-
-    def startService(self) -> None:
-        super().startService()
-        if self.ignored:
-            log.info(
-                "options accepted for compatibility but ignored by coderagent: {names}",
-                names=", ".join(f"--{name}" for name in self.ignored),
-            )
-
-
-def _fail(message: str) -> SystemExit:
-    return SystemExit(f"coder-agent: {message}")
-
 
 def makeService(
     options: Mapping[str, Any],
@@ -84,49 +54,35 @@ def makeService(
 
         reactor = _reactor
     environ = dict(os.environ if environ is None else environ)
-
     try:
-        credentials = resolveCredentials(
+        credentials = checkCredentials(
             auth=options["auth"],
             url=options["agent-url"],
             token=options["agent-token"],
             tokenFile=options["agent-token-file"],
         )
-        hostKeys = loadHostKeys(options["ssh-host-key-dir"])
-    except (CredentialsError, HostKeyError) as e:
-        raise _fail(str(e)) from e
+    except CredentialsError as e:
+        raise SystemExit(f"coder-agent: {e}") from e
 
-    policy = Policy(
-        blockFileTransfer=options["block-file-transfer"],
-        blockLocalPortForwarding=options["block-local-port-forwarding"],
-        blockReversePortForwarding=options["block-reverse-port-forwarding"],
-    )
     metrics = AgentMetrics()
-    context = SessionContext(
-        policy=policy,
-        reactor=reactor,
-        user=UserInfo.current(environ),
-        agentEnvironment=environ,
-        sftpServer=AgentSFTPServer,
-        metrics=metrics,
-    )
-    factory = AgentSSHFactory(
-        config=SSHConfig(
-            loginGraceTime=options["ssh-login-grace-time"],
-            maxAuthTries=options["ssh-max-auth-tries"],
-            maxTimeout=options["ssh-max-timeout"],
-        ),
-        portal=makePortal(AgentRealm(context), options["ssh-authorized-keys"]),
-        hostKeys=hostKeys,
-        reactor=reactor,
-        metrics=metrics,
-    )
-
     recent = RecentLines()
-    top = LoggingRoot(_logObserver(options, recent))
+    destinations = LogDestinations(
+        human=options["log-human"],
+        json=options["log-json"],
+        stackdriver=options["log-stackdriver"],
+        directory=options["log-dir"],
+    )
+    top = LoggingRoot(lambda: destinations.open(recent))
+    preflight = Preflight()
+    preflight.setServiceParent(top)
     status = AgentStatus(clock=reactor.seconds)
     StartupReport(_ignored(options)).setServiceParent(top)
     GracefulSignals(reactor).setServiceParent(top)
+
+    token = credentials.token or preflight.load(credentials.readToken, CredentialsError)
+    hostKeyDir = options["ssh-host-key-dir"]
+    hostKeys = preflight.load(lambda: loadHostKeys(hostKeyDir), HostKeyError)
+    context, factory = _ssh(options, reactor, environ, metrics, hostKeys)
     ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
@@ -134,13 +90,14 @@ def makeService(
         what="SSH server",
         required=True,
         drain=factory.shutdown,
+        prepare=factory.loadHostKeys,
     ).setServiceParent(top)
     status.add("ssh", lambda: {"connections": len(factory.connections)})
     Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
 
     coderd = CoderdClient(
         url=credentials.url,
-        token=credentials.token,
+        token=token,
         headers=options["agent-header"],
         headerCommand=options["agent-header-command"],
         reactor=reactor,
@@ -160,37 +117,56 @@ def makeService(
         },
     )
 
-    servers = (
-        ("prometheus-address", "Prometheus metrics", lambda: metricsSite(metrics)),
-        (
-            "debug-address",
-            "debug server",
-            lambda: debugSite(
-                status=status,
-                manifest=lambda: reporter.manifest,
-                connections=lambda: describeConnections(factory.connections, reactor),
-                recent=recent,
-            ),
-        ),
-        ("pprof-address", "profiling server", lambda: profilingSite(reactor)),
-    )
-    for option, what, site in servers:
-        address = options[option]
-        if not address:
-            continue
-        if option == "pprof-address" and not isLoopback(address):
-            log.error("not serving profiling data on {address}: loopback only", address=address)
-            continue
-        ListeningService(
-            reactor=reactor,
-            description=strportsFor(address),
-            factory=site(),
-            what=what,
-            required=False,
-        ).setServiceParent(top)
+    for server in httpServers(
+        reactor=reactor,
+        metricsAddress=options["prometheus-address"],
+        debugAddress=options["debug-address"],
+        pprofAddress=options["pprof-address"],
+        metrics=metrics,
+        status=status,
+        manifest=lambda: reporter.manifest,
+        connections=lambda: describeConnections(factory.connections, reactor),
+        recent=recent,
+    ):
+        server.setServiceParent(top)
     if options["socket-server-enabled"]:
-        _controlSocket(options["socket-path"], reactor, status).setServiceParent(top)
+        controlSocket(options["socket-path"], reactor, status).setServiceParent(top)
     return top
+
+
+def _ssh(
+    options: Mapping[str, Any],
+    reactor: Any,
+    environ: dict[str, str],
+    metrics: AgentMetrics,
+    hostKeys: Callable[[], Mapping[bytes, Any]],
+) -> tuple[SessionContext, AgentSSHFactory]:
+    """The SSH server: what its sessions see, and the factory (host keys load on start)."""
+    policy = Policy(
+        blockFileTransfer=options["block-file-transfer"],
+        blockLocalPortForwarding=options["block-local-port-forwarding"],
+        blockReversePortForwarding=options["block-reverse-port-forwarding"],
+    )
+    context = SessionContext(
+        policy=policy,
+        reactor=reactor,
+        user=UserInfo.current(environ),
+        agentEnvironment=environ,
+        sftpServer=AgentSFTPServer,
+        metrics=metrics,
+    )
+    factory = AgentSSHFactory(
+        config=SSHConfig(
+            loginGraceTime=options["ssh-login-grace-time"],
+            maxAuthTries=options["ssh-max-auth-tries"],
+            maxTimeout=options["ssh-max-timeout"],
+        ),
+        portal=makePortal(AgentRealm(context), options["ssh-authorized-keys"]),
+        hostKeys=hostKeys,
+        reactor=reactor,
+        metrics=metrics,
+    )
+    return context, factory
 
 
 def _boundary(
@@ -229,40 +205,6 @@ def _boundary(
         },
     )
     return boundary
-
-
-def _controlSocket(path: str, reactor: Any, status: AgentStatus) -> ListeningService:
-    return ListeningService(
-        reactor=reactor,
-        description=path,
-        factory=ControlFactory(status),
-        what="control socket",
-        required=False,
-        endpoint=UNIXServerEndpoint(reactor, path, mode=CONTROL_SOCKET_MODE),
-        prepare=lambda: removeStaleSocket(path, "control socket"),
-    )
-
-
-def _logObserver(options: Mapping[str, Any], recent: RecentLines) -> Any:
-    """Every log sink the options ask for; one that cannot be opened stops start-up."""
-    sinks: dict[str, Any] = {}
-    for option, name in (
-        ("log-human", "human"),
-        ("log-json", "jsonOut"),
-        ("log-stackdriver", "stackdriver"),
-    ):
-        path = options[option]
-        if not path:
-            continue
-        try:
-            sinks[name] = openSink(path)
-        except OSError as e:
-            raise _fail(f"--{option}: cannot open {path}: {e.strerror}") from e
-    try:
-        logFile = rotatingLogFile(options["log-dir"])
-    except OSError as e:
-        raise _fail(f"--log-dir: cannot write {options['log-dir']}: {e.strerror}") from e
-    return agentLogObserver(**sinks, logFile=logFile, recent=recent)
 
 
 def _ignored(options: Mapping[str, Any]) -> list[str]:

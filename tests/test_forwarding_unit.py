@@ -31,12 +31,12 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from zope.interface.verify import verifyObject
 
+from coderagent.files import PRIVATE_SOCKET_MODE
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.policy import Policy
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
 from coderagent.ssh.forwarding.sockets import describeConnectError
-from coderagent.ssh.forwarding.streamlocal import SOCKET_MODE
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 from tests.fakes import (
     FakeAvatar,
@@ -485,7 +485,7 @@ def test_streamlocal_forward_lifecycle(sockdir: Path) -> Iterator[Deferred[Any]]
     assert forward(NS(os.fsencode(path))) == 1
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     assert stat.S_ISSOCK(os.stat(path).st_mode)
-    assert stat.S_IMODE(os.stat(path).st_mode) == SOCKET_MODE
+    assert stat.S_IMODE(os.stat(path).st_mode) == PRIVATE_SOCKET_MODE
     assert forward(NS(os.fsencode(path))) == 1  # the same path again: fine, as OpenSSH
     assert len(avatar.forwards.listeners) == 1
     assert cancel(NS(os.fsencode(path))) == 1

@@ -66,7 +66,7 @@ def test_each_connection_is_described_with_its_channels_and_forwards() -> None:
             "forwards": ["/tmp/b.sock", "localhost:8080"],
         },
         {
-            "peer": "?:?",
+            "peer": "?",
             "user": None,
             "authenticated": False,
             "connected_seconds": 0.5,

@@ -33,6 +33,7 @@ from twisted.internet.defer import (
     FirstError,
     ensureDeferred,
     gatherResults,
+    succeed,
 )
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -41,6 +42,7 @@ from twisted.python.failure import Failure
 from coderagent.boundary.spool import Record, Spool
 from coderagent.coderd.client import CoderdClient, retryDelay
 from coderagent.coderd.drpc import DRPCError
+from coderagent.deferreds import Waiters, cancelCall
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.pb import agent_pb2
 
@@ -147,16 +149,13 @@ class Forwarder(Service):
         self._pauses: set[Deferred[None]] = set()
         self._calls = DeferredSemaphore(MAX_CALLS_IN_FLIGHT)
         self._failing = False
-        self._drained: list[Deferred[None]] = []
+        self._drained: Waiters[None] = Waiters()
 
     def drained(self) -> Deferred[None]:
         """Fires once coderd has everything accepted so far (nothing spooled, none in flight)."""
-        d: Deferred[None] = Deferred()
         if self.spool.pendingRecords == 0:
-            d.callback(None)
-        else:
-            self._drained.append(d)
-        return d
+            return succeed(None)
+        return self._drained.wait()
 
     def startService(self) -> None:
         super().startService()
@@ -186,9 +185,7 @@ class Forwarder(Service):
                 e.subFailure.raiseException()
             self.spool.ack(records)
             if self.spool.pendingRecords == 0:
-                waiters, self._drained = self._drained, []
-                for d in waiters:
-                    d.callback(None)
+                self._drained.fire(None)
 
     async def _deliverSession(self, runs: list[Request]) -> None:
         for payload, logs, done in runs:
@@ -262,8 +259,7 @@ class Forwarder(Service):
         timer = self.clock.callLater(STOP_GRACE, loop.cancel)
 
         def finished(result: object) -> None:
-            if timer.active():
-                timer.cancel()
+            cancelCall(timer)
             done.callback(None)
 
         loop.addBoth(finished)

@@ -26,6 +26,8 @@ from twisted.python.failure import Failure
 from coderagent.boundary.codec import FrameParser, Logs, MessageError, Status
 from coderagent.boundary.codec import decodePayload as _decode
 from coderagent.boundary.spool import Spool, sessionKey
+from coderagent.deferreds import cancelCall
+from coderagent.files import PRIVATE_SOCKET_MODE
 from coderagent.listening import ListeningService
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.unixsocket import removeStaleSocket
@@ -34,9 +36,6 @@ log = Logger()
 
 #: A writer that leaves a frame unfinished this long is closed.
 STALL_TIMEOUT = 30.0
-
-#: The socket's mode: only the agent's user (and root) may write audit logs.
-SOCKET_MODE = 0o600
 
 #: Connections waiting to be accepted (Go's listeners use the kernel's maximum).
 BACKLOG = 4096
@@ -74,8 +73,7 @@ class BoundaryWriter(Protocol):
         self._watchStall()
 
     def _watchStall(self) -> None:
-        if self._stall is not None and self._stall.active():
-            self._stall.cancel()
+        cancelCall(self._stall)
         self._stall = None
         if self.parser.buffered:
             self._stall = self.proxy.clock.callLater(self.proxy.stallTimeout, self._stalled)
@@ -95,8 +93,7 @@ class BoundaryWriter(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.proxy.writers.discard(self)
-        if self._stall is not None and self._stall.active():
-            self._stall.cancel()
+        cancelCall(self._stall)
         self._stall = None
 
 
@@ -137,7 +134,7 @@ class BoundaryLogProxy(MultiService):
             factory=_Writers(self),
             what="boundary log proxy",
             required=False,
-            endpoint=UNIXServerEndpoint(reactor, path, backlog=BACKLOG, mode=SOCKET_MODE),
+            endpoint=UNIXServerEndpoint(reactor, path, backlog=BACKLOG, mode=PRIVATE_SOCKET_MODE),
             prepare=lambda: removeStaleSocket(path, "boundary log proxy"),
         )
         self.listening.setServiceParent(self)

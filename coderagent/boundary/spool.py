@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from coderagent.boundary.spooldb import Opened, Row, SpoolDatabase
+from coderagent.deferreds import Waiters, cancelCall
 
 log = Logger()
 
@@ -74,7 +75,7 @@ def sessionKey(sessionId: str, processName: str) -> bytes:
 class Record:
     """One batch as the socket received it, and what it counts for in the bound."""
 
-    __slots__ = ("seq", "logs", "key", "payload", "size")
+    __slots__ = ("key", "logs", "payload", "seq", "size")
 
     def __init__(self, seq: int, logs: int, key: bytes, payload: bytes) -> None:
         self.seq = seq
@@ -147,10 +148,10 @@ class Spool:
         self._evictedThrough = 0  # batches up to here are on disk only, not in memory
         self._writing = False
         self._nextWaiters: list[Deferred[None]] = []
-        self._idleWaiters: list[Deferred[None]] = []
+        self._idleWaiters: Waiters[None] = Waiters()
         self._commitCall: IDelayedCall | None = None
         self._diskFailing = False
-        self._available: list[Deferred[None]] = []
+        self._available: Waiters[None] = Waiters()
         #: Batches (and their logs and bytes) accepted and not yet acknowledged.
         self.pendingRecords = 0
         self.pendingLogs = 0
@@ -319,18 +320,13 @@ class Spool:
 
     def available(self) -> Deferred[None]:
         """Fires once there is something to take (at once if there is now)."""
-        d: Deferred[None] = Deferred()
         if self._ready and self.pendingRecords > len(self._inFlight):
-            d.callback(None)
-        else:
-            self._available.append(d)
-        return d
+            return succeed(None)
+        return self._available.wait()
 
     def _wakeReaders(self) -> None:
         if self._available and self._ready and self.pendingRecords > len(self._inFlight):
-            waiters, self._available = self._available, []
-            for d in waiters:
-                d.callback(None)
+            self._available.fire(None)
 
     def take(self, maxLogs: int, maxBytes: int) -> Deferred[list[Record]]:
         """The oldest batches not yet taken, up to the limits (at least one, if any).
@@ -430,8 +426,7 @@ class Spool:
         return d
 
     def _write(self, waiters: list[Deferred[None]]) -> None:
-        if self._commitCall is not None and self._commitCall.active():
-            self._commitCall.cancel()
+        cancelCall(self._commitCall)
         self._commitCall = None
         through = self._nextSeq - 1
         forget = max(self._acked, self._droppedThrough)
@@ -489,20 +484,13 @@ class Spool:
                 return
             if self._dirty():
                 self._scheduleCommit()
-            idle, self._idleWaiters = self._idleWaiters, []
-            for w in idle:
-                w.callback(None)
+            self._idleWaiters.fire(None)
 
         d.addCallbacks(written, failed).addBoth(finished)
 
     def idle(self) -> Deferred[None]:
         """Fires once no write is running (at once if none is)."""
-        d: Deferred[None] = Deferred()
-        if self._writing:
-            self._idleWaiters.append(d)
-        else:
-            d.callback(None)
-        return d
+        return self._idleWaiters.wait() if self._writing else succeed(None)
 
     def _dirty(self) -> bool:
         forget = max(self._acked, self._droppedThrough)

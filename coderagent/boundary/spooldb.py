@@ -26,12 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from coderagent.files import PRIVATE_FILE_MODE, ensurePrivateDir, openPrivate
+
 FILE_NAME = "spool.db"
 #: Format of the table; a file with another ``user_version`` is set aside.
 USER_VERSION = 1
 #: Corrupt files kept aside (older ones are removed).
 KEEP_CORRUPT = 3
-FILE_MODE = 0o600
 
 Row = tuple[int, int, bytes, bytes]  # seq, logs, key, payload
 
@@ -76,8 +77,7 @@ class SpoolDatabase:
 
     def open(self) -> Opened:
         """Create the directory (0700) and the file (0600), or recover what is there."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.directory, 0o700)
+        ensurePrivateDir(self.directory)
         old = sum(1 for _ in self.directory.glob("*.seg"))
         try:
             return Opened(self._connect(), oldSegments=old)
@@ -178,16 +178,12 @@ class SpoolDatabase:
 def _createPrivate(path: Path) -> None:
     """Create ``path`` 0600 (whatever the umask) before SQLite opens it; SQLite
     gives its ``-wal`` and ``-shm`` files the database file's mode."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-    finally:
-        os.close(fd)
+    os.close(openPrivate(path, os.O_RDWR))
 
 
 def _chmod(path: Path) -> None:
     try:
-        os.chmod(path, FILE_MODE)
+        os.chmod(path, PRIVATE_FILE_MODE)
     except FileNotFoundError:
         pass
 

@@ -52,6 +52,7 @@ from coderagent.coderd.headers import dialHeaders, runHeaderCommand
 from coderagent.coderd.websocket import Headers, WebSocketClientEndpoint
 from coderagent.coderd.yamux import YamuxSession, YamuxStream
 from coderagent.coderd.yamuxframe import YamuxError
+from coderagent.netaddr import bracketHost
 
 log = Logger()
 
@@ -95,7 +96,7 @@ class DialTarget:
         tls = parts.scheme.lower() == "https"
         host = parts.hostname or ""
         port = parts.port or (443 if tls else 80)
-        shownHost = f"[{host}]" if ":" in host else host
+        shownHost = bracketHost(host)
         authority = shownHost if parts.port is None else f"{shownHost}:{port}"
         target = f"{parts.path.rstrip('/')}{RPC_PATH}?version={API_VERSION}"
         return cls(url, tls, host, port, authority, target)
@@ -165,7 +166,7 @@ class CoderdClient(MultiService):
         self,
         *,
         url: str,
-        token: str,
+        token: str | Callable[[], str],
         headers: Sequence[tuple[str, str]] = (),
         headerCommand: str = "",
         reactor: Any,
@@ -173,12 +174,15 @@ class CoderdClient(MultiService):
         callTimeout: float = CALL_TIMEOUT,
         transport: IStreamClientEndpoint | None = None,
     ) -> None:
-        """``transport`` replaces the TCP (or TLS) endpoint derived from ``url``."""
+        """``token`` may be a function, called once when the service starts (it reads
+        a token file, say).  ``transport`` replaces the TCP (or TLS) endpoint derived
+        from ``url``."""
         super().__init__()
         self.target = DialTarget.fromURL(url)
         self.reactor = reactor
         self.callTimeout = callTimeout
-        self._token = token
+        self._tokenSource = token
+        self._token = token if isinstance(token, str) else ""
         self._staticHeaders = list(headers)
         self._headerCommand = headerCommand
         self._environ = dict(environ or {})
@@ -322,6 +326,8 @@ class CoderdClient(MultiService):
     # -- service ----------------------------------------------------------------------
 
     def startService(self) -> None:
+        if not isinstance(self._tokenSource, str):
+            self._token = self._tokenSource()
         self._connector.startService()
         super().startService()
 

@@ -1,7 +1,8 @@
 """Resolve how the agent authenticates to coderd, with upstream's error texts.
 
-Resolution happens once at start-up so that a misconfigured agent stops with
-one clear line instead of retrying a doomed connection forever.
+The options are checked when the agent is built and the token file is read
+when it starts, each once, so that a misconfigured agent stops with one
+clear line instead of retrying a doomed connection forever.
 """
 
 from __future__ import annotations
@@ -15,17 +16,34 @@ class CredentialsError(Exception):
 
 @dataclass(frozen=True)
 class Credentials:
-    """What the coderd client needs to authenticate."""
+    """What the coderd client needs to authenticate: the URL and a token, given or in a file."""
 
     url: str
     token: str
+    tokenFile: str = ""
 
     def __repr__(self) -> str:  # never let a token reach a log line
-        return f"Credentials(url={self.url!r}, token=<redacted>)"
+        return f"Credentials(url={self.url!r}, token=<redacted>, tokenFile={self.tokenFile!r})"
+
+    def readToken(self) -> str:
+        """The token: the one given, or the token file's content, trimmed (upstream's rule)."""
+        if self.token:
+            return self.token
+        try:
+            with open(self.tokenFile, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise CredentialsError(f"read token file {self.tokenFile!r}: {e.strerror}") from e
+        if not token:
+            raise CredentialsError(
+                "CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE must be set for token auth"
+            )
+        return token
 
 
-def resolveCredentials(*, auth: str, url: str, token: str, tokenFile: str) -> Credentials:
-    """Apply upstream's rules: token auth only here, URL required, token or token file."""
+def checkCredentials(*, auth: str, url: str, token: str, tokenFile: str) -> Credentials:
+    """Upstream's rules, without reading anything: token auth only here, a URL,
+    a token or a token file (read later, by :meth:`Credentials.readToken`)."""
     if auth != "token":
         raise CredentialsError(
             f"agent auth type {auth!r} is not supported by coderagent yet (only 'token')"
@@ -34,14 +52,10 @@ def resolveCredentials(*, auth: str, url: str, token: str, tokenFile: str) -> Cr
         raise CredentialsError("CODER_AGENT_URL must be set")
     if not token and not tokenFile:
         raise CredentialsError("Either CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE must be set")
-    if not token:
-        try:
-            with open(tokenFile, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as e:
-            raise CredentialsError(f"read token file {tokenFile!r}: {e.strerror}") from e
-        if not token:
-            raise CredentialsError(
-                "CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE must be set for token auth"
-            )
-    return Credentials(url=url, token=token)
+    return Credentials(url=url, token=token, tokenFile=tokenFile)
+
+
+def resolveCredentials(*, auth: str, url: str, token: str, tokenFile: str) -> Credentials:
+    """:func:`checkCredentials`, and the token read now."""
+    checked = checkCredentials(auth=auth, url=url, token=token, tokenFile=tokenFile)
+    return Credentials(url=checked.url, token=checked.readToken())

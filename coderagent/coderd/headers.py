@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from coderagent.deferreds import cancelCall
 from coderagent.gotext import goQuote
 
 #: How long the header command may run before the attempt counts as failed.
@@ -89,8 +90,7 @@ class _Collect(ProcessProtocol):
             pass
 
     def processEnded(self, reason: Failure) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        cancelCall(self.timer)
         value = reason.value
         if isinstance(value, ProcessTerminated):
             if value.signal is not None:

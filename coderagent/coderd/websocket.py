@@ -57,6 +57,8 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from zope.interface import implementer
 
+from coderagent.netaddr import describePeer
+
 log = Logger()
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -190,8 +192,7 @@ class WebSocketStream(Protocol):
             self.transport.loseConnection()
 
     def _peer(self) -> str:
-        peer = self.transport.getPeer() if self.transport is not None else None
-        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        return describePeer(self.transport)
 
     def _send(self, event: Event) -> None:
         try:

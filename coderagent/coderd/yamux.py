@@ -94,6 +94,7 @@ from coderagent.coderd.yamuxframe import (
     YamuxProtocolError,
     YamuxTimeoutError,
 )
+from coderagent.deferreds import Waiters, cancelCall
 
 __all__ = ["YamuxSession", "YamuxStream"]
 
@@ -277,8 +278,7 @@ class YamuxStream:
     def unregisterProducer(self) -> None:
         """Forget the producer (it is not resumed)."""
         self._producer = None
-        if self._pullCall is not None and self._pullCall.active():
-            self._pullCall.cancel()
+        cancelCall(self._pullCall)
         self._pullCall = None
 
     # -- IPushProducer: the protocol on top throttles what we deliver ----------
@@ -604,17 +604,13 @@ class YamuxStream:
 
     def _cancelOpenTimer(self) -> None:
         timer = self._openTimer
-        if timer is not None:
-            self._openTimer = None
-            if timer.active():
-                timer.cancel()
+        self._openTimer = None
+        cancelCall(timer)
 
     def _cancelCloseTimer(self) -> None:
         timer = self._closeTimer
-        if timer is not None:
-            self._closeTimer = None
-            if timer.active():
-                timer.cancel()
+        self._closeTimer = None
+        cancelCall(timer)
 
     def _announce(self) -> None:
         """Go's OpenStream after it got a SYN slot: SYN now, then whatever was written meanwhile."""
@@ -708,7 +704,7 @@ class YamuxSession(Protocol):
         self._remoteGoAway = False
         self._shutdown = False
         self._transportGone = False
-        self._closedWaiters: list[Deferred[None]] = []
+        self._closedWaiters: Waiters[None] = Waiters()
         self._keepaliveCall: IDelayedCall | None = None
         self._sendPaused = False
         self._blocked: dict[int, YamuxStream] = {}
@@ -758,8 +754,8 @@ class YamuxSession(Protocol):
 
         def cancel(_: Deferred[float]) -> None:
             entry = self._pings.pop(pingID, None)
-            if entry is not None and entry.timer.active():
-                entry.timer.cancel()
+            if entry is not None:
+                cancelCall(entry.timer)
 
         d: Deferred[float] = Deferred(cancel)
         timer = self._clock.callLater(self._writeTimeout, self._pingTimedOut, pingID)
@@ -782,9 +778,7 @@ class YamuxSession(Protocol):
         """Fires (never fails) once the underlying transport is gone; see ``closeReason``."""
         if self._transportGone:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._closedWaiters.append(d)
-        return d
+        return self._closedWaiters.wait()
 
     @property
     def numStreams(self) -> int:
@@ -861,9 +855,7 @@ class YamuxSession(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._shutdownWith(reason)
         self._transportGone = True
-        waiters, self._closedWaiters = self._closedWaiters, []
-        for d in waiters:
-            d.callback(None)
+        self._closedWaiters.fire(None)
 
     # -- incoming frames ---------------------------------------------------------
 
@@ -935,8 +927,7 @@ class YamuxSession(Protocol):
             return
         entry = self._pings.pop(opaque, None)
         if entry is not None:
-            if entry.timer.active():
-                entry.timer.cancel()
+            cancelCall(entry.timer)
             entry.deferred.callback(self._clock.seconds() - entry.sent)
 
     def _handleGoAway(self, code: int) -> None:
@@ -1053,13 +1044,11 @@ class YamuxSession(Protocol):
             return
         self._shutdown = True
         self.closeReason = reason
-        if self._keepaliveCall is not None and self._keepaliveCall.active():
-            self._keepaliveCall.cancel()
+        cancelCall(self._keepaliveCall)
         self._keepaliveCall = None
         pings, self._pings = self._pings, {}
         for entry in pings.values():
-            if entry.timer.active():
-                entry.timer.cancel()
+            cancelCall(entry.timer)
             entry.deferred.errback(SessionShutdownError(reason.getErrorMessage()))
         streams = list(self._streams.values()) + list(self._synQueue)
         self._streams.clear()

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
+from coderagent.files import PRIVATE_SOCKET_MODE
+from coderagent.listening import ListeningService
 from coderagent.observe.status import AgentStatus
-
-SOCKET_MODE = 0o600
+from coderagent.unixsocket import removeStaleSocket
 
 
 class ControlProtocol(LineOnlyReceiver):
@@ -55,3 +57,16 @@ class ControlFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> ControlProtocol:
         return ControlProtocol(self.status)
+
+
+def controlSocket(path: str, reactor: Any, status: AgentStatus) -> ListeningService:
+    """The control socket at ``path`` (0600; a stale socket file is replaced, a live one not)."""
+    return ListeningService(
+        reactor=reactor,
+        description=path,
+        factory=ControlFactory(status),
+        what="control socket",
+        required=False,
+        endpoint=UNIXServerEndpoint(reactor, path, mode=PRIVATE_SOCKET_MODE),
+        prepare=lambda: removeStaleSocket(path, "control socket"),
+    )

@@ -72,7 +72,7 @@ class DevCoderdService(LoggingRoot):
     """coderd-dev's top service; ``api`` is its in-memory state (tests read it)."""
 
     def __init__(self, api: DevAgentAPI) -> None:
-        super().__init__(agentLogObserver(sys.stderr))
+        super().__init__(lambda: agentLogObserver(sys.stderr))
         self.api = api
 
 

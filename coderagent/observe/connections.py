@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from coderagent.netaddr import describePeer
+
 if TYPE_CHECKING:
     from coderagent.ssh.transport import AgentServerTransport
 
@@ -26,12 +28,11 @@ def describeConnections(
 
 
 def _describe(t: AgentServerTransport, now: float) -> dict[str, Any]:
-    peer = t.transport.getPeer() if t.transport is not None else None
     channels = [_describeChannel(chan) for chan in getattr(t.service, "channels", {}).values()]
     avatar = getattr(t, "avatar", None)
     forwards = getattr(avatar, "forwards", None)
     return {
-        "peer": f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+        "peer": describePeer(t.transport),
         "user": getattr(avatar, "username", None),
         "authenticated": t.authenticated,
         "connected_seconds": round(now - t.since, 3),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import cProfile
 import io
-import ipaddress
 import json
 import pstats
 import re
@@ -206,17 +205,6 @@ def profilingSite(clock: IReactorTime) -> Site:
     pprof.putChild(b"threads", _Threads())
     pprof.putChild(b"profile", _Profile(clock))
     return _site(root)
-
-
-def isLoopback(address: str) -> bool:
-    """Whether a Go ``host:port`` names a loopback interface."""
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _site(root: Resource) -> Site:

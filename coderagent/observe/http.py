@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from coderagent.netaddr import splitHostPort
 from coderagent.observe.metrics import AgentMetrics
 
 
@@ -41,9 +42,9 @@ def metricsSite(metrics: AgentMetrics) -> Site:
 
 def strportsFor(address: str) -> str:
     """A Go ``host:port`` as a Twisted endpoint description (all interfaces for an empty host)."""
-    host, _, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        literal = host[1:-1].replace(":", "\\:")
+    host, port = splitHostPort(address)
+    if ":" in host:
+        literal = host.replace(":", "\\:")
         return f"tcp6:{port}:interface={literal}"
     if not host:
         return f"tcp:{port}"

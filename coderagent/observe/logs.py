@@ -27,14 +27,16 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any, cast
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.logger import (
     FilteringLogObserver,
     ILogFilterPredicate,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     PredicateResult,
@@ -45,6 +47,9 @@ from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from coderagent.compat import CLIENT_SERVICE_LOG_NAMESPACE
+from coderagent.files import PRIVATE_FILE_MODE, makePrivateDirs
+
+log = Logger()
 
 _LEVELS = {
     LogLevel.debug: "debu",
@@ -119,7 +124,7 @@ def openSink(path: str) -> IO[str]:
         return sys.stderr
     if path == "/dev/stdout":
         return sys.stdout
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     return open(fd, "a", encoding="utf-8", buffering=1)
 
 
@@ -240,13 +245,13 @@ class QuietConch:
 
 def rotatingLogFile(directory: str) -> LogFile:
     """``coder-agent.log`` in ``directory``, rotated at 5 MB, 10 kept, mode 0600."""
-    os.makedirs(directory, exist_ok=True)
+    makePrivateDirs(directory)
     return LogFile(
         LOG_FILE_NAME,
         directory,
         rotateLength=ROTATE_BYTES,
         maxRotatedFiles=ROTATED_FILES,
-        defaultMode=0o600,
+        defaultMode=PRIVATE_FILE_MODE,
     )
 
 
@@ -277,20 +282,73 @@ def agentLogObserver(
     return FilteringLogObserver(_Fanout(sinks), [QuietConch(), levels])
 
 
+@dataclass(frozen=True)
+class LogDestinations:
+    """Where the agent logs, from its options (empty: that sink is off)."""
+
+    human: str = ""
+    json: str = ""
+    stackdriver: str = ""
+    #: The directory of the rotated ``coder-agent.log``.
+    directory: str = ""
+
+    def open(self, recent: RecentLines | None = None) -> ILogObserver:
+        """Open every sink; one that cannot be opened stops start-up with one line."""
+        sinks: dict[str, Any] = {}
+        for option, path, name in (
+            ("log-human", self.human, "human"),
+            ("log-json", self.json, "jsonOut"),
+            ("log-stackdriver", self.stackdriver, "stackdriver"),
+        ):
+            if not path:
+                continue
+            try:
+                sinks[name] = openSink(path)
+            except OSError as e:
+                why = f"--{option}: cannot open {path}: {e.strerror}"
+                raise SystemExit(f"coder-agent: {why}") from e
+        logFile = None
+        if self.directory:
+            try:
+                logFile = rotatingLogFile(self.directory)
+            except OSError as e:
+                raise SystemExit(
+                    f"coder-agent: --log-dir: cannot write {self.directory}: {e.strerror}"
+                ) from e
+        return agentLogObserver(**sinks, logFile=logFile, recent=recent)
+
+
 class LoggingRoot(MultiService):
     """A twistd application's top service that also says where the process logs.
 
     twistd asks the application for an ``ILogObserver`` before it starts
     logging, so registering one here makes ``--log-human`` (or coderd-dev's
-    stderr) the destination however twistd was started.
+    stderr) the destination however twistd was started.  The observer is made
+    (its files opened) only then, when twistd adopts this service, never
+    when the service is built.
     """
 
-    def __init__(self, observer: ILogObserver | None) -> None:
+    def __init__(self, observer: Callable[[], ILogObserver] | None) -> None:
         super().__init__()
-        self.observer = observer
+        self.makeObserver = observer
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
         setComponent = getattr(parent, "setComponent", None)
-        if self.observer is not None and setComponent is not None:
-            setComponent(ILogObserver, self.observer)
+        if self.makeObserver is not None and setComponent is not None:
+            setComponent(ILogObserver, self.makeObserver())
+
+
+class StartupReport(Service):
+    """Says once, at start-up, which of the given options this agent ignores."""
+
+    def __init__(self, ignored: Iterable[str]) -> None:
+        self.ignored = list(ignored)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.ignored:
+            log.info(
+                "options accepted for compatibility but ignored by coderagent: {names}",
+                names=", ".join(f"--{name}" for name in self.ignored),
+            )

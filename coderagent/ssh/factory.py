@@ -9,14 +9,16 @@ goodbye to them all on a graceful shutdown.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.conch.ssh import factory, transport
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
+from coderagent.deferreds import Waiters, cancelCall
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.ssh.auth import AgentUserAuthServer
 from coderagent.ssh.connection import AgentConnection
@@ -50,20 +52,29 @@ class AgentSSHFactory(factory.SSHFactory):
         *,
         config: SSHConfig,
         portal: Any,
-        hostKeys: dict[bytes, Any],
+        hostKeys: Callable[[], Mapping[bytes, Any]],
         reactor: IReactorTime,
         metrics: AgentMetrics | None = None,
     ) -> None:
+        """``hostKeys`` loads (or creates) the host keys: :meth:`loadHostKeys` calls
+        it when the server starts, not when it is built."""
         self.config = config
         self.metrics = metrics
         #: Live connections (for the debug server and a graceful shutdown).
         self.connections: set[AgentServerTransport] = set()
-        self._drained: list[Deferred[None]] = []
+        self._drained: Waiters[None] = Waiters()
         self.portal = portal
-        self.privateKeys = hostKeys
-        self.publicKeys = {kind: key.public() for kind, key in hostKeys.items()}
+        self._hostKeys = hostKeys
+        self.privateKeys: dict[bytes, Any] = {}
+        self.publicKeys: dict[bytes, Any] = {}
         self.reactor = reactor
         self.primes = None
+
+    def loadHostKeys(self) -> None:
+        """Load the host keys (once); the SSH listener calls this just before binding."""
+        if not self.privateKeys:
+            self.privateKeys = dict(self._hostKeys())
+            self.publicKeys = {kind: key.public() for kind, key in self.privateKeys.items()}
 
     def connectionStarted(self, t: AgentServerTransport) -> None:
         """``t`` has connected: it is live until :meth:`connectionEnded`."""
@@ -82,18 +93,15 @@ class AgentSSHFactory(factory.SSHFactory):
 
     def shutdown(self, timeout: float = SHUTDOWN_GRACE) -> Deferred[None]:
         """Tell every client the agent is going away; fires once they are gone (or ``timeout``)."""
-        done: Deferred[None] = Deferred()
         if not self.connections:
-            done.callback(None)
-            return done
+            return succeed(None)
         for t in list(self.connections):
             t.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"the agent is shutting down")
-        self._drained.append(done)
+        done = self._drained.wait()
         timer = self.reactor.callLater(timeout, self._drain, True)
 
         def settled(result: object) -> object:
-            if timer.active():
-                timer.cancel()
+            cancelCall(timer)
             return result
 
         return done.addBoth(settled)
@@ -106,10 +114,7 @@ class AgentSSHFactory(factory.SSHFactory):
                 tcp: Any = t.transport
                 if tcp is not None:
                     tcp.abortConnection()
-        waiters, self._drained = self._drained, []
-        for d in waiters:
-            if not d.called:
-                d.callback(None)
+        self._drained.fire(None)
 
     def buildProtocol(self, addr: Any) -> AgentServerTransport:
         # Skip SSHFactory.buildProtocol: it logs a line per connection when

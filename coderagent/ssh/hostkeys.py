@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.conch.ssh import keys
 from twisted.logger import Logger
 
+from coderagent.files import PRIVATE_FILE_MODE, ensurePrivateDir, openPrivate
+
 log = Logger()
 
 
@@ -46,7 +48,7 @@ class HostKeyError(Exception):
 def _writePrivate(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, never readable by others."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = openPrivate(tmp, os.O_WRONLY | os.O_EXCL)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -77,7 +79,7 @@ def _loadOrCreate(directory: str, spec: _KeySpec) -> keys.Key:
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         # A key others could read is a key others could use; tighten it
         # rather than refuse, and say so.
-        os.chmod(path, 0o600)
+        os.chmod(path, PRIVATE_FILE_MODE)
         log.warn("SSH host key {path} was readable by others; now mode 0600", path=path)
     try:
         loaded: keys.Key = keys.Key.fromFile(path)
@@ -93,7 +95,7 @@ def loadHostKeys(directory: str) -> dict[bytes, keys.Key]:
     with a one-line reason when the directory or a key file is unusable.
     """
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        ensurePrivateDir(directory)
         result: dict[bytes, keys.Key] = {}
         for spec in _SPECS:
             key = _loadOrCreate(directory, spec)

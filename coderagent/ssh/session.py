@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from coderagent.netaddr import describePeer
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.policy import (
     FILE_TRANSFER_BLOCKED_EXIT_STATUS,
@@ -325,8 +326,7 @@ class SessionChannel(channel.SSHChannel):
             count(self.context.metrics)
 
     def _peerText(self) -> str:
-        peer = self.conn.transport.transport.getPeer()
-        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        return describePeer(self.conn.transport.transport)
 
     def _start(self, command: str | None) -> int:
         if self._started:

@@ -130,9 +130,13 @@ def test_token_file_and_unsupported_auth(clientKeys: ClientKeys, tmp_path: Path)
     empty = tmp_path / "empty-token"
     empty.write_text("  \n")
     result = runToExit([*base, f"--agent-token-file={empty}"], agentEnvironment(tmp_path))
-    assert result.stderr.strip() == (
-        "coder-agent: CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE must be set for token auth"
+    # The token file is read when the agent starts, before it listens on anything.
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "  stderr: coder-agent: CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE must be set for "
+        "token auth"
     )
+    assert "listening on" not in result.stderr and "host key" not in result.stderr
     result = runToExit(
         [*base, "--agent-token=t", "--auth=aws-instance-identity"], agentEnvironment(tmp_path)
     )

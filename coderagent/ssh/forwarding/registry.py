@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderagent.netaddr import UNKNOWN, describePeer
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 
 if TYPE_CHECKING:
@@ -31,11 +32,6 @@ log = Logger()
 
 #: What a refusal's log line shows for a target that could not be parsed.
 UNPARSED = "<unparsable payload>"
-
-
-def hostPort(host: str, port: int) -> str:
-    """``host:port``, bracketing IPv6 literals."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Listener(Protocol):
@@ -71,10 +67,9 @@ class Forwards:
     def peer(self) -> str:
         """The SSH client's address, for log lines."""
         try:
-            peer = self.avatar.conn.transport.transport.getPeer()
+            return describePeer(self.avatar.conn.transport.transport)
         except AttributeError:
-            return "?"
-        return hostPort(str(getattr(peer, "host", "?")), int(getattr(peer, "port", 0)))
+            return UNKNOWN
 
     def checkLocal(self, transport: str, target: str, what: str) -> None:
         """Ask the policy about a local forward; raise the open failure it refuses with."""

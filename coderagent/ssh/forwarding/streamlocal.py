@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coderagent.compat import closeUnixPortKeepingFile
+from coderagent.files import PRIVATE_SOCKET_MODE  # sshd's default StreamLocalBindMask 0177
 from coderagent.gotext import goQuote
 from coderagent.ssh.forwarding.registry import UNPARSED, Forwards
 from coderagent.ssh.forwarding.relay import RelayChannel
@@ -49,10 +50,6 @@ from coderagent.ssh.forwarding.sockets import (
 from coderagent.ssh.wire import MalformedPayload, Payload
 
 log = Logger()
-
-#: Mode of a forwarded socket file (sshd's default StreamLocalBindMask is 0177).
-SOCKET_MODE = 0o600
-
 
 def displayPath(path: str) -> str:
     """``path`` made safe to log and to put on the wire (undecodable bytes replaced)."""
@@ -74,7 +71,7 @@ class UnixForwardPort(unix.Port):
     identity: tuple[int, int] | None = None
 
     def __init__(self, path: str, factory: Factory, reactor: Any) -> None:
-        super().__init__(os.fsencode(path), factory, mode=SOCKET_MODE, reactor=reactor)
+        super().__init__(os.fsencode(path), factory, mode=PRIVATE_SOCKET_MODE, reactor=reactor)
         self.path = path
         self.description = displayPath(path)
 
@@ -163,12 +160,8 @@ class StreamLocalForwarding:
         target = _peekPath(data)
         if not f.allowsReverse("unix", target, f"streamlocal-forward on {target}"):
             return 0
-        try:
-            payload = Payload(data)
-            path = payload.path()
-            payload.end()
-        except MalformedPayload as e:
-            f.malformed("streamlocal-forward@openssh.com", e)
+        path = _bindRequest(f, data, "streamlocal-forward@openssh.com")
+        if path is None:
             return 0
         key = ("unix", path, 0)
         if key in f.listeners:
@@ -194,16 +187,24 @@ class StreamLocalForwarding:
 
     def cancel(self, data: bytes) -> int:
         f = self.forwards
-        try:
-            payload = Payload(data)
-            path = payload.path()
-            payload.end()
-        except MalformedPayload as e:
-            f.malformed("cancel-streamlocal-forward@openssh.com", e)
+        path = _bindRequest(f, data, "cancel-streamlocal-forward@openssh.com")
+        if path is None:
             return 0
         if not f.remove(("unix", path, 0)):
             log.info("SSH unix forward not found in cache: {path}", path=displayPath(path))
         return 1
+
+
+def _bindRequest(f: Forwards, data: bytes, request: str) -> str | None:
+    """The path of a ``streamlocal-forward`` or its cancel (``None``: malformed)."""
+    try:
+        payload = Payload(data)
+        path = payload.path()
+        payload.end()
+    except MalformedPayload as e:
+        f.malformed(request, e)
+        return None
+    return path
 
 
 def _peekPath(data: bytes) -> str:

@@ -25,7 +25,8 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.logger import Logger
 
-from coderagent.ssh.forwarding.registry import UNPARSED, Forwards, hostPort
+from coderagent.netaddr import joinHostPort as hostPort
+from coderagent.ssh.forwarding.registry import UNPARSED, Forwards
 from coderagent.ssh.forwarding.relay import RelayChannel
 from coderagent.ssh.forwarding.sockets import (
     CONNECT_TIMEOUT,
@@ -137,14 +138,10 @@ class TCPForwarding:
         bind = _peekHostPort(data)
         if not f.allowsReverse("tcp", bind, f"tcpip-forward on {bind}"):
             return 0
-        try:
-            payload = Payload(data)
-            address = payload.text()
-            port = payload.port()
-            payload.end()
-        except MalformedPayload as e:
-            f.malformed("tcpip-forward", e)
+        bound = _bindRequest(f, data, "tcpip-forward")
+        if bound is None:
             return 0
+        address, port = bound
         factory = ForwardedFactory(f, _AcceptedTCP, address)
         try:
             listening = f.reactor.listenTCP(port, factory, interface=_bindInterface(address))
@@ -169,16 +166,24 @@ class TCPForwarding:
 
     def cancel(self, data: bytes) -> int:
         f = self.forwards
-        try:
-            payload = Payload(data)
-            address = payload.text()
-            port = payload.port()
-            payload.end()
-        except MalformedPayload as e:
-            f.malformed("cancel-tcpip-forward", e)
+        bound = _bindRequest(f, data, "cancel-tcpip-forward")
+        if bound is None:
             return 0
-        f.remove(("tcp", address, port))
+        f.remove(("tcp", *bound))
         return 1
+
+
+def _bindRequest(f: Forwards, data: bytes, request: str) -> tuple[str, int] | None:
+    """The address and port of a ``tcpip-forward`` or its cancel (``None``: malformed)."""
+    try:
+        payload = Payload(data)
+        address = payload.text()
+        port = payload.port()
+        payload.end()
+    except MalformedPayload as e:
+        f.malformed(request, e)
+        return None
+    return address, port
 
 
 def _peekHostPort(data: bytes) -> str:
