@@ -6,7 +6,10 @@ one clear line instead of retrying a doomed connection forever.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+from coderagent.gotext import goQuote
 
 
 class CredentialsError(Exception):
@@ -39,9 +42,21 @@ def resolveCredentials(*, auth: str, url: str, token: str, tokenFile: str) -> Cr
             with open(tokenFile, encoding="utf-8") as f:
                 token = f.read().strip()
         except OSError as e:
-            raise CredentialsError(f"read token file {tokenFile!r}: {e.strerror}") from e
+            raise CredentialsError(
+                f"read token file {goQuote(tokenFile)}: {_goPathError(e, tokenFile)}"
+            ) from e
         if not token:
             raise CredentialsError(
                 "CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE must be set for token auth"
             )
     return Credentials(url=url, token=token)
+
+
+def _goPathError(error: OSError, path: str) -> str:
+    """``os.ReadFile``'s error as Go prints it: ``open <path>: <errno text>``.
+
+    Go opens a directory without complaint and fails on the read instead.
+    """
+    op = "read" if isinstance(error, IsADirectoryError) else "open"
+    reason = os.strerror(error.errno).lower() if error.errno else str(error)
+    return f"{op} {path}: {reason}"
