@@ -9,8 +9,9 @@ session's own process and lose its exit status, which the SSH client must
 get.  So the orphans are found in ``/proc`` (zombies whose parent is us),
 every second, and waited for one by one.
 
-SIGTERM and SIGINT already stop the reactor gracefully (Twisted's handlers),
-which matters as PID 1: the kernel drops signals PID 1 has no handler for.
+That PID 1 has handlers for SIGTERM and SIGINT matters too, since the kernel
+drops the signals PID 1 has no handler for; :mod:`coderagent.signals`
+installs them (a graceful stop, exit status 0), not this module.
 """
 
 from __future__ import annotations

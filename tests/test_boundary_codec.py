@@ -1,4 +1,8 @@
-"""The boundary framing, from the spec's bytes (reference §2.2), not from our encoder."""
+"""The boundary framing, from bytes written out by hand, not from our encoder.
+
+Upstream's layout: a big-endian uint32 header, the tag in its top 8 bits and
+the payload length in the low 24, then the payload.
+"""
 
 from __future__ import annotations
 

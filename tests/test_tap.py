@@ -73,8 +73,9 @@ def test_an_unreadable_token_file_stops_the_agent_when_it_starts(tmp_path: Path)
     coderd = next(s for s in top if type(s).__name__ == "CoderdClient")
     with pytest.raises(SystemExit) as exited:
         coderd.startService()
+    token = tmp_path / "token"
     assert str(exited.value) == (
-        f"coder-agent: read token file '{tmp_path / 'token'}': No such file or directory"
+        f'coder-agent: read token file "{token}": open {token}: no such file or directory'
     )
 
 

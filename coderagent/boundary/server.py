@@ -5,9 +5,10 @@ that sends half a frame and stalls holds up nobody (and is closed after
 ``STALL_TIMEOUT``).  What a frame holds goes straight into the spool:
 accepting is appending, and the forwarder takes it from there.
 
-Errors follow upstream (reference §2.3): a bad header (unknown tag, length
-over 32768) closes that connection, since nothing marks where the next frame
-would start; a payload that is not valid protobuf loses that frame only.
+Errors are handled as upstream's ``agent/boundarylogproxy`` handles them: a
+bad header (unknown tag, length over 32768) closes that connection, since
+nothing marks where the next frame would start; a payload that is not valid
+protobuf loses that frame only.
 Each is logged and counted in ``agent_boundary_log_proxy_frames_rejected_total``.
 """
 

@@ -7,7 +7,10 @@ clear line instead of retrying a doomed connection forever.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+from coderagent.gotext import goQuote
 
 
 class CredentialsError(Exception):
@@ -23,7 +26,8 @@ class Credentials:
     tokenFile: str = ""
 
     def __repr__(self) -> str:  # never let a token reach a log line
-        return f"Credentials(url={self.url!r}, token=<redacted>, tokenFile={self.tokenFile!r})"
+        shownFile = f", tokenFile={self.tokenFile!r}" if self.tokenFile else ""
+        return f"Credentials(url={self.url!r}, token=<redacted>{shownFile})"
 
     def readToken(self) -> str:
         """The token: the one given, or the token file's content, trimmed (upstream's rule)."""
@@ -33,7 +37,9 @@ class Credentials:
             with open(self.tokenFile, encoding="utf-8") as f:
                 token = f.read().strip()
         except OSError as e:
-            raise CredentialsError(f"read token file {self.tokenFile!r}: {e.strerror}") from e
+            raise CredentialsError(
+                f"read token file {goQuote(self.tokenFile)}: {_goPathError(e, self.tokenFile)}"
+            ) from e
         if not token:
             raise CredentialsError(
                 "CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE must be set for token auth"
@@ -59,3 +65,13 @@ def resolveCredentials(*, auth: str, url: str, token: str, tokenFile: str) -> Cr
     """:func:`checkCredentials`, and the token read now."""
     checked = checkCredentials(auth=auth, url=url, token=token, tokenFile=tokenFile)
     return Credentials(url=checked.url, token=checked.readToken())
+
+
+def _goPathError(error: OSError, path: str) -> str:
+    """``os.ReadFile``'s error as Go prints it: ``open <path>: <errno text>``.
+
+    Go opens a directory without complaint and fails on the read instead.
+    """
+    op = "read" if isinstance(error, IsADirectoryError) else "open"
+    reason = os.strerror(error.errno).lower() if error.errno else str(error)
+    return f"{op} {path}: {reason}"

@@ -6,7 +6,7 @@
 The socket is ``--socket-path`` of the agent (``$CODER_AGENT_SOCKET_PATH``),
 by default ``$TMPDIR/coder-agent.sock``; the agent serves it when started
 with ``--socket-server-enabled``.  Exit status 0 on an answer, 1 if no agent
-answers.
+answers (or what answers is not JSON, or is an ``{"error": …}``).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Observability: log sinks now; metrics and the debug server plug in here."""
+"""Observability: log sinks, Prometheus metrics, the debug and profiling servers, status."""

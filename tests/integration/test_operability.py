@@ -297,13 +297,24 @@ def _waitFor(condition: Any, what: str, timeout: float = 20.0) -> None:
 
 
 def _unshare() -> list[str]:
-    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
-        pytest.skip("needs Linux and unshare(1)")
+    """unshare(1)'s command line for a fresh PID namespace, where the agent is PID 1.
+
+    The only skips in the suite, and only for what the machine lacks: a
+    kernel with PID namespaces (Linux), util-linux's unshare(1), or the
+    privilege to create the namespace (containers often withhold it).
+    """
+    if not sys.platform.startswith("linux"):
+        pytest.skip(f"PID namespaces are Linux only (this is {sys.platform})")
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) from util-linux is not on PATH")
     probe = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True
     )
     if probe.returncode != 0:
-        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
+        pytest.skip(
+            "this machine does not let us create a PID namespace "
+            f"(unshare --pid --fork --mount-proc: {probe.stderr.decode().strip()})"
+        )
     return ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
 
 
