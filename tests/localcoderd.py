@@ -11,7 +11,9 @@ from typing import Any
 
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
-from coderagent.devcoderd.server import DevAgentAPI, DevCoderdFactory, Workspace
+from coderagent.devcoderd.api import DevAgentAPI
+from coderagent.devcoderd.server import DevCoderdFactory
+from coderagent.devcoderd.workspace import Workspace
 
 TOKEN = "dev-token"
 

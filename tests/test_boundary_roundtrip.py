@@ -30,7 +30,8 @@ from coderagent.boundary.forwarder import (
 )
 from coderagent.boundary.server import BoundaryLogProxy, BoundaryWriter
 from coderagent.boundary.spool import Spool
-from coderagent.devcoderd.server import DevAgentAPI, Workspace
+from coderagent.devcoderd.api import DevAgentAPI
+from coderagent.devcoderd.workspace import Workspace
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.pb import agent_pb2
 from tests.boundaryframes import exactFrame, frame

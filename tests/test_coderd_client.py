@@ -27,7 +27,9 @@ from zope.interface import implementer
 from coderagent.coderd.client import CoderdClient, CoderdUnavailable, retryDelay
 from coderagent.coderd.drpc import DRPCError
 from coderagent.coderd.lifecycle import SHUTDOWN_REPORT_TIMEOUT, Reporter
-from coderagent.devcoderd.server import DevAgentAPI, DevCoderdFactory, Workspace
+from coderagent.devcoderd.api import DevAgentAPI
+from coderagent.devcoderd.server import DevCoderdFactory
+from coderagent.devcoderd.workspace import Workspace
 from coderagent.pb import agent_pb2
 from tests.localcoderd import TOKEN, Coderd
 

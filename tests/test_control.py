@@ -2,7 +2,7 @@
 # mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """The control socket and ``coder-agent status``, over a real Unix socket in the test's reactor.
 
-The server is built as the agent builds it (``tap._controlSocket``: mode 0600,
+The server is built as the agent builds it (``control.server.controlSocket``: mode 0600,
 a stale socket replaced); the CLI's ``main`` runs in a thread, as the
 separate process it normally is would, while the reactor answers.
 """
@@ -25,10 +25,10 @@ from twisted.python.failure import Failure
 
 from coderagent import __version__
 from coderagent.control import cli
-from coderagent.control.server import SOCKET_MODE
+from coderagent.control.server import controlSocket
+from coderagent.files import PRIVATE_SOCKET_MODE
 from coderagent.listening import ListeningService
 from coderagent.observe.status import AgentStatus
-from coderagent.tap import _controlSocket
 
 TIMEOUT = 10
 
@@ -71,7 +71,7 @@ def sockdir(tmp_path: Path) -> Path:
 async def control(sockdir: Path) -> AsyncIterator[Path]:
     """The agent's control socket, serving ``agentStatus()``."""
     path = sockdir / "control.sock"
-    service = _controlSocket(str(path), reactor, agentStatus())
+    service = controlSocket(str(path), reactor, agentStatus())
     service.startService()
     assert service.port is not None
     yield path
@@ -141,7 +141,7 @@ async def test_a_request_line_is_at_most_1_kib(control: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_the_socket_is_0600(control: Path) -> None:
-    assert control.stat().st_mode & 0o777 == SOCKET_MODE == 0o600
+    assert control.stat().st_mode & 0o777 == PRIVATE_SOCKET_MODE == 0o600
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ async def test_a_stale_control_socket_is_replaced(sockdir: Path, logged: list[st
     path = sockdir / "control.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as crashed:
         crashed.bind(str(path))
-    service = _controlSocket(str(path), reactor, agentStatus())
+    service = controlSocket(str(path), reactor, agentStatus())
     service.startService()
     try:
         assert logged == [f"control socket listening on {path}"]
@@ -178,7 +178,7 @@ def test_a_live_control_socket_is_left_alone_and_the_agent_runs_on(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
         other.bind(str(path))
         other.listen()
-        service: ListeningService = _controlSocket(str(path), reactor, agentStatus())
+        service: ListeningService = controlSocket(str(path), reactor, agentStatus())
         service.startService()  # optional: no SystemExit
         assert service.port is None
         assert logged[0] == f"control socket: {path} is in use by another process; not replacing it"

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf import timestamp_pb2
 from wsproto.events import Request
 
-from coderagent.devcoderd.server import (
-    DevAgentAPI,
-    DevCoderdFactory,
-    ManifestError,
-    Workspace,
-    boundaryFields,
-    formatFields,
-    rfc3339Nano,
-    slogValue,
-)
+from coderagent.coderd.api import RPCS
+from coderagent.devcoderd.api import DevAgentAPI
+from coderagent.devcoderd.coderdlog import boundaryFields, formatFields, rfc3339Nano, slogValue
+from coderagent.devcoderd.server import DevCoderdFactory
+from coderagent.devcoderd.workspace import ManifestError, Workspace
 from coderagent.pb import agent_pb2
 
 IDS = {
@@ -173,7 +171,7 @@ def test_the_upgrade_is_checked_like_coderd(
 
 
 def test_the_fast_batch_formatter_says_exactly_what_the_field_list_says() -> None:
-    from coderagent.devcoderd.server import boundaryLines
+    from coderagent.devcoderd.coderdlog import boundaryLines
 
     request = agent_pb2.ReportBoundaryLogsRequest(session_id="has space", confined_process_name="c")
     request.logs.append(
@@ -190,3 +188,71 @@ def test_the_fast_batch_formatter_says_exactly_what_the_field_list_says() -> Non
     ]
     assert [line.split("coderd.agentrpc: ", 1)[1] for line in lines] == [f + "\n" for f in fields]
     assert all(line.startswith(lines[0].split("coderd")[0]) for line in lines)
+
+
+def test_the_state_file_holds_what_the_agent_reported(tmp_path: Path) -> None:
+    from twisted.internet.task import Clock
+
+    from coderagent.devcoderd.statefile import INTERVAL, StateFile
+
+    clock = Clock()
+    api = DevAgentAPI(Workspace.fromJSON(json.dumps(IDS), "test"), out=io.StringIO())
+    path = tmp_path / "state.json"
+    state = StateFile(api, str(path), clock)
+    state.startService()
+    assert json.loads(path.read_text())["lifecycle"] == []
+    lifecycle = agent_pb2.Lifecycle(state=agent_pb2.Lifecycle.READY)
+    api.handlers[RPCS["UpdateLifecycle"].path](
+        agent_pb2.UpdateLifecycleRequest(lifecycle=lifecycle).SerializeToString()
+    )
+    assert json.loads(path.read_text())["lifecycle"] == []  # at most every INTERVAL
+    clock.advance(INTERVAL)
+    written = json.loads(path.read_text())
+    assert written["lifecycle"] == ["READY"]
+    assert written["workspace"]["workspace_id"] == IDS["workspace_id"]
+    state.stopService()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_manifest_file_carries_scripts_apps_and_metadata() -> None:
+    source = "0b6f3c8e-5d2a-4c1e-9f7b-2a4d6e8f0a1c"
+    text = json.dumps(
+        {
+            **IDS,
+            "vs_code_port_proxy_uri": "https://{{port}}.proxy.example",
+            "scripts": [
+                {
+                    "display_name": "install",
+                    "log_source_id": source,
+                    "script": "echo hi",
+                    "run_on_start": True,
+                    "timeout": "5s",
+                    "cron": "*/2 * * * * *",
+                }
+            ],
+            "apps": [
+                {"slug": "web", "healthcheck": {"url": "http://127.0.0.1:1", "interval": "1s"}}
+            ],
+            "metadata": [{"key": "load", "script": "cat /proc/loadavg", "interval": "1s"}],
+        }
+    )
+    manifest = Workspace.fromJSON(text, "test").manifest()
+    [script] = manifest.scripts
+    assert uuid.UUID(bytes=script.log_source_id) == uuid.UUID(source)
+    assert len(script.id) == 16 and script.timeout.seconds == 5 and script.run_on_start
+    assert manifest.apps[0].healthcheck.interval.seconds == 1
+    assert manifest.metadata[0].key == "load"
+    assert manifest.vs_code_port_proxy_uri == "https://{{port}}.proxy.example"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"scripts": {}}, "scripts: expected a list of objects"),
+        ({"scripts": [{"log_source_id": "nope"}]}, "scripts[0].log_source_id: not a UUID"),
+        ({"apps": [{"slugg": "x"}]}, "apps[0]: "),
+    ],
+)
+def test_a_bad_script_or_app_is_an_error(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        Workspace.fromJSON(json.dumps({**IDS, **extra}), "m.json")

@@ -26,11 +26,12 @@ from coderagent import __version__
 from coderagent.observe.debug import (
     REDACTED,
     debugSite,
-    isLoopback,
     profilingSite,
     redactedManifest,
 )
 from coderagent.observe.logs import RecentLines
+from coderagent.observe.metrics import AgentMetrics
+from coderagent.observe.servers import httpServers
 from coderagent.observe.status import AgentStatus
 from coderagent.pb import agent_pb2
 from tests.webclient import TIMEOUT, Response, get, request, serving
@@ -334,4 +335,15 @@ async def test_sixty_seconds_is_the_longest_profile() -> None:
     ],
 )
 def test_the_profiler_serves_loopback_addresses_only(address: str, loopback: bool) -> None:
-    assert isLoopback(address) is loopback
+    servers = httpServers(
+        reactor=reactor,
+        metricsAddress="",
+        debugAddress="",
+        pprofAddress=address,
+        metrics=AgentMetrics(),
+        status=AgentStatus(clock=reactor.seconds),
+        manifest=lambda: None,
+        connections=lambda: [],
+        recent=RecentLines(),
+    )
+    assert [s.what for s in servers] == (["profiling server"] if loopback else [])

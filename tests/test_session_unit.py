@@ -7,15 +7,15 @@ import termios
 
 from twisted.conch import ttymodes
 
-from coderagent.ssh.session import _applyModes, _packWinSize
+from coderagent.ssh.spawn import applyModes, packWinSize
 
 
 def test_every_rfc4254_mode_applies_without_error() -> None:
     master, slave = os.openpty()
     try:
         modes = [(opcode, 1) for opcode in ttymodes.TTYMODES] + [(128, 9600), (129, 9600), (250, 7)]
-        _applyModes(slave, modes)
-        _applyModes(slave, [(1, 0x07), (53, 0)])  # VINTR = ^G, ECHO off
+        applyModes(slave, modes)
+        applyModes(slave, [(1, 0x07), (53, 0)])  # VINTR = ^G, ECHO off
         attr = termios.tcgetattr(slave)
         assert attr[6][termios.VINTR] == b"\x07"
         assert not attr[3] & termios.ECHO
@@ -26,5 +26,5 @@ def test_every_rfc4254_mode_applies_without_error() -> None:
 
 
 def test_window_size_fields_are_clamped_to_u16() -> None:
-    assert _packWinSize(24, 80, 0, 0) == _packWinSize(24, 80, -5, 0)
-    assert _packWinSize(1 << 20, 80, 0, 0) == _packWinSize(0xFFFF, 80, 0, 0)
+    assert packWinSize(24, 80, 0, 0) == packWinSize(24, 80, -5, 0)
+    assert packWinSize(1 << 20, 80, 0, 0) == packWinSize(0xFFFF, 80, 0, 0)

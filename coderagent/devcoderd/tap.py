@@ -17,7 +17,10 @@ from typing import Any
 
 from twisted.python import usage
 
-from coderagent.devcoderd.server import DevAgentAPI, DevCoderdFactory, ManifestError, Workspace
+from coderagent.devcoderd.api import DevAgentAPI
+from coderagent.devcoderd.server import DevCoderdFactory
+from coderagent.devcoderd.statefile import StateFile
+from coderagent.devcoderd.workspace import ManifestError, Workspace
 from coderagent.listening import ListeningService
 from coderagent.observe.logs import LoggingRoot, agentLogObserver
 
@@ -42,6 +45,12 @@ class Options(usage.Options):
             "The agent token to accept [$CODERD_DEV_TOKEN]; generated and printed if not given.",
         ],
         ["manifest", None, "", "JSON file with the workspace's manifest (defaults built in)."],
+        [
+            "state-file",
+            None,
+            "",
+            "Keep what the agent reported (lifecycle, logs, stats, ...) in this JSON file.",
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -93,4 +102,6 @@ def makeService(options: Options, reactor: Any = None) -> DevCoderdService:
         what="coderd-dev",
         required=True,
     ).setServiceParent(top)
+    if options["state-file"]:
+        StateFile(api, options["state-file"], reactor).setServiceParent(top)
     return top

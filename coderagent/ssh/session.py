@@ -14,16 +14,13 @@ while the process is not reading its stdin.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import struct
-import termios
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.conch import ttymodes
 from twisted.conch.error import ConchError
 from twisted.conch.interfaces import ISFTPServer
 from twisted.conch.ssh import channel, common, connection, session
@@ -42,8 +39,9 @@ from coderagent.policy import (
     FILE_TRANSFER_BLOCKED_MESSAGE,
     Policy,
 )
-from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo, sessionEnvironment
+from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
 from coderagent.ssh.interfaces import IWindowedChannel
+from coderagent.ssh.spawn import PtyRequest, resizeTerminal, spawnSession
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 
 log = Logger()
@@ -71,8 +69,6 @@ SIGNALS: Mapping[str, signal.Signals] = {
 #: Exit status for an internal failure to start the command (upstream's MagicSessionErrorCode).
 SESSION_ERROR_EXIT_STATUS = 229
 
-_NO_ADDRESS = "0.0.0.0"  # noqa: S104 - a placeholder in SSH_CLIENT, not a bind address
-
 #: Bound on ``env`` requests per channel: a peer controls this memory.
 MAX_ENV_REQUESTS = 1024
 
@@ -93,42 +89,6 @@ class SessionContext:
     overrides: dict[str, str] = field(default_factory=dict)
     sftpServer: Callable[[str], ISFTPServer] | None = None
     metrics: AgentMetrics | None = None
-
-
-@dataclass
-class _PtyRequest:
-    term: str
-    winSize: tuple[int, int, int, int]
-    modes: list[tuple[int, int]]
-
-
-def _packWinSize(rows: int, cols: int, xpx: int, ypx: int) -> bytes:
-    clamp = lambda v: max(0, min(v, 0xFFFF))  # noqa: E731 - a winsize field is a u16
-    return struct.pack("4H", clamp(rows), clamp(cols), clamp(xpx), clamp(ypx))
-
-
-def _applyModes(fd: int, modes: list[tuple[int, int]]) -> None:
-    """Apply the client's RFC 4254 terminal modes to the PTY slave."""
-    attr = termios.tcgetattr(fd)
-    for opcode, value in modes:
-        spec: Any = ttymodes.TTYMODES.get(opcode)
-        if spec is None:
-            continue
-        if isinstance(spec, tuple):
-            index, bitName = spec  # (termios attribute index, flag name)
-            bit = getattr(termios, bitName, None)
-            if bit is None:
-                continue
-            attr[index] = attr[index] | bit if value else attr[index] & ~bit
-        elif spec in ("ISPEED", "OSPEED"):
-            speed = getattr(termios, f"B{value}", None)
-            if speed is not None:
-                attr[4 if spec == "ISPEED" else 5] = speed
-        else:
-            index = getattr(termios, spec, None)
-            if index is not None and 0 <= value < 256:
-                attr[6][index] = bytes((value,))
-    termios.tcsetattr(fd, termios.TCSANOW, attr)
 
 
 class _SessionProcessProtocol(ProcessProtocol):
@@ -187,7 +147,7 @@ class SessionChannel(channel.SSHChannel):
         self.context = context
         self.clientEnvironment: list[tuple[str, str]] = []
         self.sessionType = "ssh"
-        self.pty: _PtyRequest | None = None
+        self.pty: PtyRequest | None = None
         self.process: Any = None
         self.subsystem: Protocol | None = None
         self.sftp: Any = None
@@ -243,7 +203,7 @@ class SessionChannel(channel.SSHChannel):
         if self._started:
             return 0
         term, winSize, modes = session.parseRequest_pty_req(data)
-        self.pty = _PtyRequest(os.fsdecode(term), winSize, modes)
+        self.pty = PtyRequest(os.fsdecode(term), winSize, modes)
         return 1
 
     def _requestWindowChange(self, data: bytes) -> int:
@@ -253,9 +213,7 @@ class SessionChannel(channel.SSHChannel):
         self.pty.winSize = (rows, cols, xpx, ypx)
         if self.process is not None and not self._ended:
             try:
-                fcntl.ioctl(
-                    self.process.fileno(), termios.TIOCSWINSZ, _packWinSize(rows, cols, xpx, ypx)
-                )
+                resizeTerminal(self.process, rows, cols, xpx, ypx)
             except OSError as e:
                 log.warn("cannot resize terminal: {error}", error=e)
                 return 0
@@ -367,46 +325,16 @@ class SessionChannel(channel.SSHChannel):
         return 1
 
     def _spawn(self, command: str | None) -> None:
-        ctx = self.context
-        shell = ctx.user.shell
-        argv = [shell, "-l"] if command is None else [shell, "-c", command]
         transport = self.conn.transport.transport
-        peer, host = transport.getPeer(), transport.getHost()
-        envArgs: dict[str, Any] = dict(
-            agentEnvironment=ctx.agentEnvironment,
+        self.process = spawnSession(
+            self.context,
+            _SessionProcessProtocol(self),
+            command=command,
+            pty=self.pty,
             clientEnvironment=self.clientEnvironment,
-            user=ctx.user,
-            defaults=ctx.defaults,
-            overrides=ctx.overrides,
-            # Upstream's placeholder when an address has no host/port.
-            peer=(getattr(peer, "host", _NO_ADDRESS), getattr(peer, "port", 0)),
-            local=(getattr(host, "host", _NO_ADDRESS), getattr(host, "port", 0)),
+            peer=transport.getPeer(),
+            local=transport.getHost(),
         )
-        protocol = _SessionProcessProtocol(self)
-        if self.pty is None:
-            env = sessionEnvironment(**envArgs)
-            self.process = ctx.reactor.spawnProcess(
-                protocol, shell, argv, env=env, path=ctx.user.home, usePTY=False
-            )
-        else:
-            master, slave = os.openpty()
-            try:
-                ttyName = os.ttyname(slave)
-                _applyModes(slave, self.pty.modes)
-                fcntl.ioctl(slave, termios.TIOCSWINSZ, _packWinSize(*self.pty.winSize))
-                env = sessionEnvironment(**envArgs, term=self.pty.term, ttyName=ttyName)
-                self.process = ctx.reactor.spawnProcess(
-                    protocol,
-                    shell,
-                    argv,
-                    env=env,
-                    path=ctx.user.home,
-                    usePTY=(master, slave, ttyName),
-                )
-            except BaseException:
-                os.close(master)
-                os.close(slave)
-                raise
         # Stdin back-pressure: while the child is not reading, the client's
         # window stays shut (see AgentConnection.reopenWindow).
         self.process.registerProducer(self, True)
