@@ -92,3 +92,29 @@ def reactorChildren() -> set[int]:
     from twisted.internet import process
 
     return set(process.reapProcessHandlers)
+
+
+# -- bytes written to a socket ------------------------------------------------------
+
+
+def countWrites(transport: Any, counter: Any) -> bool:
+    """Add what ``transport`` writes to its socket to ``counter.txBytes``, per write.
+
+    Twisted's socket transports buffer ``write``s and send them from
+    ``doWrite`` through ``self.writeSomeData``, once per ``send`` however many
+    writes were buffered: wrapping that method on the instance counts the
+    bytes that really left, at one call per system call rather than per
+    ``write``.  Returns False (nothing counted) for a transport without it.
+    """
+    send = getattr(transport, "writeSomeData", None)
+    if send is None:
+        return False
+
+    def writeSomeData(data: bytes) -> Any:
+        written = send(data)
+        if type(written) is int:  # else a ConnectionLost to hand back
+            counter.txBytes += written
+        return written
+
+    transport.writeSomeData = writeSomeData
+    return True

@@ -31,6 +31,8 @@ from coderagent.observe.status import AgentStatus
 from coderagent.options import Options
 from coderagent.policy import Policy
 from coderagent.reaper import Reaper
+from coderagent.reporting.activity import SSHActivity, connectionsByProto
+from coderagent.reporting.stats import StatsReporter, StatsSources
 from coderagent.signals import GracefulSignals
 from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
@@ -82,7 +84,8 @@ def makeService(
     token = credentials.token or preflight.load(credentials.readToken, CredentialsError)
     hostKeyDir = options["ssh-host-key-dir"]
     hostKeys = preflight.load(lambda: loadHostKeys(hostKeyDir), HostKeyError)
-    context, factory = _ssh(options, reactor, environ, metrics, hostKeys)
+    activity = SSHActivity()
+    context, factory = _ssh(options, reactor, environ, metrics, hostKeys, activity)
     ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
@@ -107,6 +110,17 @@ def makeService(
     reporter.onManifest(lambda manifest: context.overrides.update(sessionVariables(manifest)))
     reporter.setServiceParent(coderd)
     _boundary(options, reactor, metrics, context, status, coderd).setServiceParent(coderd)
+    stats = StatsReporter(
+        coderd,
+        StatsSources(
+            traffic=factory.traffic.totals,
+            connections=lambda: connectionsByProto(factory.connections),
+            sessions=activity.sessionCounts,
+            registry=metrics.registry,
+        ),
+        clock=reactor,
+    )
+    stats.setServiceParent(coderd)
     coderd.setServiceParent(top)
     status.add(
         "coderd",
@@ -114,6 +128,7 @@ def makeService(
             "url": coderd.target.url,
             "connected": coderd.connected,
             "lifecycle": reporter.reportedState,
+            "last_stats_report_seconds_ago": stats.lastReportAge(),
         },
     )
 
@@ -140,6 +155,7 @@ def _ssh(
     environ: dict[str, str],
     metrics: AgentMetrics,
     hostKeys: Callable[[], Mapping[bytes, Any]],
+    events: SSHActivity,
 ) -> tuple[SessionContext, AgentSSHFactory]:
     """The SSH server: what its sessions see, and the factory (host keys load on start)."""
     policy = Policy(
@@ -154,6 +170,7 @@ def _ssh(
         agentEnvironment=environ,
         sftpServer=AgentSFTPServer,
         metrics=metrics,
+        events=events,
     )
     factory = AgentSSHFactory(
         config=SSHConfig(

@@ -1,4 +1,4 @@
-"""coderd-dev's server side in the test's own reactor, on an ephemeral port.
+"""coderd-dev's server side for tests: on an ephemeral port, or in memory on a clock.
 
 The reactor is imported where it is used: conftest imports this module, and
 pytest-twisted must install the reactor first.
@@ -9,8 +9,13 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.test import iosim
+from zope.interface import implementer
 
+from coderagent.coderd.client import CoderdClient
 from coderagent.devcoderd.api import DevAgentAPI
 from coderagent.devcoderd.server import DevCoderdFactory
 from coderagent.devcoderd.workspace import Workspace
@@ -68,3 +73,65 @@ class Coderd:
                 proto.transport.abortConnection()
             except AttributeError:
                 pass  # Twisted's TLS transport cannot abort once it is closed
+
+
+@implementer(IStreamClientEndpoint)
+class Loopback:
+    """Connects to coderd-dev's factory in memory; bytes move only when the test pumps."""
+
+    def __init__(self, server: DevCoderdFactory, clock: task.Clock) -> None:
+        self.server = server
+        self.clock = clock
+        self.pumps: list[iosim.IOPump] = []
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        client = factory.buildProtocol(None)
+        server = self.server.buildProtocol(None)
+        assert client is not None
+        self.pumps.append(
+            iosim.connect(
+                server,
+                iosim.makeFakeServer(server),
+                client,
+                iosim.makeFakeClient(client),
+                greet=False,
+                clock=self.clock,
+            )
+        )
+        return defer.succeed(client)
+
+
+class InMemoryCoderd:
+    """A :class:`CoderdClient` and coderd-dev's API joined in memory, all on one ``task.Clock``.
+
+    Nothing moves until the test says so: :meth:`settle` delivers every byte
+    in flight (and what the answers cause), :meth:`advance` moves time first.
+    """
+
+    def __init__(self, workspace: Workspace | None = None, **apiOptions: Any) -> None:
+        self.clock = task.Clock()
+        self.api = DevAgentAPI(
+            workspace or Workspace(), clock=self.clock.seconds, out=io.StringIO(), **apiOptions
+        )
+        self.loopback = Loopback(DevCoderdFactory(self.api, TOKEN, self.clock), self.clock)
+        self.client = CoderdClient(
+            url="http://coderd.test", token=TOKEN, reactor=self.clock, transport=self.loopback
+        )
+
+    def settle(self) -> None:
+        """Move bytes both ways until nothing is left to move."""
+        for _ in range(10_000):
+            if not any(pump.pump() for pump in list(self.loopback.pumps)):
+                return
+        raise AssertionError("the connection never settled")
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.settle()
+
+    def disconnect(self) -> None:
+        """Drop the current connection, as a coderd that went away does."""
+        pump = self.loopback.pumps[-1]
+        pump.client.transport.loseConnection()
+        pump.server.transport.loseConnection()
+        self.settle()

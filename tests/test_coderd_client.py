@@ -19,9 +19,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.test import iosim
 from zope.interface import implementer
 
 from coderagent.coderd.client import CoderdClient, CoderdUnavailable, retryDelay
@@ -31,7 +30,7 @@ from coderagent.devcoderd.api import DevAgentAPI
 from coderagent.devcoderd.server import DevCoderdFactory
 from coderagent.devcoderd.workspace import Workspace
 from coderagent.pb import agent_pb2
-from tests.localcoderd import TOKEN, Coderd
+from tests.localcoderd import TOKEN, Coderd, Loopback
 
 TIMEOUT = 15
 
@@ -250,32 +249,6 @@ async def test_the_reporter_reports_every_transition_once_in_order() -> None:
         await stopped(c)  # stops the reporter first: SHUTTING_DOWN, OFF
         await server.stop()
     assert server.api.lifecycle == [State.STARTING, State.READY, State.SHUTTING_DOWN, State.OFF]
-
-
-@implementer(IStreamClientEndpoint)
-class Loopback:
-    """Connects to coderd-dev's factory in memory; bytes move only when the test pumps."""
-
-    def __init__(self, server: DevCoderdFactory, clock: task.Clock) -> None:
-        self.server = server
-        self.clock = clock
-        self.pumps: list[iosim.IOPump] = []
-
-    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
-        client = factory.buildProtocol(None)
-        server = self.server.buildProtocol(None)
-        assert client is not None
-        self.pumps.append(
-            iosim.connect(
-                server,
-                iosim.makeFakeServer(server),
-                client,
-                iosim.makeFakeClient(client),
-                greet=False,
-                clock=self.clock,
-            )
-        )
-        return defer.succeed(client)
 
 
 def test_a_stop_during_a_report_on_its_way_waits_only_the_shutdown_timeout() -> None:

@@ -36,8 +36,20 @@ KEEP_IN_STATE = 1000
 #: How many ReportBoundaryLogs requests coderd-dev remembers (bounded memory).
 KEEP_BOUNDARY_REQUESTS = 20_000
 
-#: UpdateStats' answer: when to report next (coderd's default interval).
-STATS_INTERVAL_SECONDS = 30
+#: UpdateStats' answer: when to report next (coderd's default ``--agent-stats-refresh-interval``).
+STATS_INTERVAL_SECONDS = 30.0
+
+#: The stats fields coderd-dev's ``agent stats`` line shows, in order.
+STATS_LINE_FIELDS = (
+    "connection_count",
+    "session_count_ssh",
+    "session_count_vscode",
+    "session_count_jetbrains",
+    "rx_bytes",
+    "tx_bytes",
+    "rx_packets",
+    "tx_packets",
+)
 
 
 Handler = Callable[[bytes], Any]
@@ -51,16 +63,23 @@ class DevAgentAPI:
         workspace: Workspace,
         clock: Callable[[], float] = time.time,
         out: IO[str] | None = None,
+        *,
+        reportInterval: float = STATS_INTERVAL_SECONDS,
     ) -> None:
         """``out`` receives the ``boundary_request`` lines (default: the process's stderr,
-        not whatever twistd later puts in ``sys.stderr``)."""
+        not whatever twistd later puts in ``sys.stderr``); ``reportInterval`` is the
+        stats interval UpdateStats answers (``--report-interval``)."""
         self.workspace = workspace
+        self.reportInterval = reportInterval
         self.clock = clock
         self.out: IO[str] = out or sys.__stderr__ or sys.stderr
         self.lifecycle: list[int] = []
         self.startup: agent_pb2.Startup | None = None
         self.connections: list[agent_pb2.Connection] = []
-        self.stats: list[agent_pb2.Stats] = []
+        #: The latest stats reports (blank ones, which only ask the interval, are not kept).
+        self.stats: deque[agent_pb2.Stats] = deque(maxlen=KEEP_IN_STATE)
+        #: Sums over every stats report, of the fields that are per period.
+        self.statsTotals = dict.fromkeys(("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"), 0)
         self.logs: list[agent_pb2.Log] = []
         self.boundaryLogs = 0
         self._boundarySessions: set[str] = set()
@@ -117,7 +136,8 @@ class DevAgentAPI:
             "lifecycle": [agent_pb2.Lifecycle.State.Name(s) for s in self.lifecycle],
             "startup": _json(self.startup) if self.startup is not None else None,
             "connections": [_json(c) for c in self.connections[-KEEP_IN_STATE:]],
-            "stats": [_json(s) for s in self.stats[-KEEP_IN_STATE:]],
+            "stats": [_json(s) for s in self.stats],
+            "stats_totals": dict(self.statsTotals),
             "logs": [_json(entry) for entry in self.logs[-KEEP_IN_STATE:]],
             "boundary": {"logs": self.boundaryLogs, "sessions": len(self._boundarySessions)},
         }
@@ -165,11 +185,23 @@ class DevAgentAPI:
             ]
         )
 
+    # -- UpdateStats -----------------------------------------------------------------
+
     def updateStats(self, request: agent_pb2.UpdateStatsRequest) -> Message:
-        self.stats.append(request.stats)
-        return agent_pb2.UpdateStatsResponse(
-            report_interval=duration_pb2.Duration(seconds=STATS_INTERVAL_SECONDS)
+        interval = duration_pb2.Duration()
+        interval.FromNanoseconds(round(self.reportInterval * 1e9))
+        response = agent_pb2.UpdateStatsResponse(report_interval=interval)
+        if not request.HasField("stats"):
+            return response  # as coderd: a blank report only asks for the interval
+        stats = request.stats
+        self.stats.append(stats)
+        for name in self.statsTotals:
+            self.statsTotals[name] += getattr(stats, name)
+        shown = " ".join(f"{name}={getattr(stats, name)}" for name in STATS_LINE_FIELDS)
+        log.info(
+            "agent stats: {fields} metrics={metrics}", fields=shown, metrics=len(stats.metrics)
         )
+        return response
 
     def reportBoundaryLogs(self, request: agent_pb2.ReportBoundaryLogsRequest) -> Message:
         count = len(request.logs)

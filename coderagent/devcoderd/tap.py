@@ -23,6 +23,7 @@ from coderagent.devcoderd.statefile import StateFile
 from coderagent.devcoderd.workspace import ManifestError, Workspace
 from coderagent.listening import ListeningService
 from coderagent.observe.logs import LoggingRoot, agentLogObserver
+from coderagent.options.values import parseDuration
 
 __all__ = ["Options", "makeService"]
 
@@ -51,6 +52,13 @@ class Options(usage.Options):
             "",
             "Keep what the agent reported (lifecycle, logs, stats, ...) in this JSON file.",
         ],
+        [
+            "report-interval",
+            None,
+            "30s",
+            "The stats report interval UpdateStats answers, a Go duration (coderd's "
+            "--agent-stats-refresh-interval).",
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -60,6 +68,12 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["token"]:
             self["token"] = self.environ.get("CODERD_DEV_TOKEN", "")
+        try:
+            self["report-interval"] = parseDuration(self["report-interval"])
+        except ValueError as e:
+            raise usage.UsageError(f"--report-interval: {e}") from e
+        if self["report-interval"] <= 0:
+            raise usage.UsageError("--report-interval: must be positive")
         self.generatedToken = not self["token"]
         if self.generatedToken:
             self["token"] = secrets.token_urlsafe(24)
@@ -90,7 +104,10 @@ def makeService(options: Options, reactor: Any = None) -> DevCoderdService:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    api = DevAgentAPI(getattr(options, "workspace", None) or Workspace())
+    api = DevAgentAPI(
+        getattr(options, "workspace", None) or Workspace(),
+        reportInterval=options["report-interval"],
+    )
     if getattr(options, "generatedToken", False):
         # Printed, not logged: it is what the operator copies into the agent.
         print(f"coderd-dev: agent token: {options['token']}", file=sys.stderr, flush=True)

@@ -40,7 +40,8 @@ from coderagent.policy import (
     Policy,
 )
 from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
-from coderagent.ssh.interfaces import IWindowedChannel
+from coderagent.ssh.events import NoConnectionEvents, SessionStatus, sessionEnd, transferRefusal
+from coderagent.ssh.interfaces import IConnectionEvents, IWindowedChannel
 from coderagent.ssh.spawn import PtyRequest, resizeTerminal, spawnSession
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 
@@ -89,6 +90,8 @@ class SessionContext:
     overrides: dict[str, str] = field(default_factory=dict)
     sftpServer: Callable[[str], ISFTPServer] | None = None
     metrics: AgentMetrics | None = None
+    #: Told of every session's start and end and of every refusal (the connection log).
+    events: IConnectionEvents = field(default_factory=NoConnectionEvents)
 
 
 class _SessionProcessProtocol(ProcessProtocol):
@@ -159,6 +162,9 @@ class SessionChannel(channel.SSHChannel):
         self._finishing: int | tuple[str, bool] | None = None
         self._finished = False
         self._gone = False
+        #: Tells the connection log this session ended (see _reportStart).
+        self._reportEnd: Callable[[int, str], None] | None = None
+        self._endReason: str | None = None
 
     # -- requests ---------------------------------------------------------
 
@@ -232,8 +238,10 @@ class SessionChannel(channel.SSHChannel):
             return 0
         self._started = True
         self._counted(lambda m: m.sessionStarted(self.sessionType, self.pty is not None))
+        self._reportStart()
         decision = self.context.policy.allowSubsystem(name)
         if not decision.allowed:
+            self._endReason = transferRefusal(name, None)
             log.warn(
                 "{reason}: subsystem {subsystem} refused for {peer}",
                 reason=decision.reason,
@@ -286,14 +294,26 @@ class SessionChannel(channel.SSHChannel):
     def _peerText(self) -> str:
         return describePeer(self.conn.transport.transport)
 
+    def _reportStart(self) -> None:
+        peer = self.conn.transport.transport.getPeer()
+        self._reportEnd = self.context.events.sessionStarted(self.sessionType, peer)
+
+    def _reported(self, status: SessionStatus) -> None:
+        """Tell the connection log, once, how the session ended."""
+        report, self._reportEnd = self._reportEnd, None
+        if report is not None:
+            report(*sessionEnd(status, self._endReason))
+
     def _start(self, command: str | None) -> int:
         if self._started:
             return 0
         self._started = True
         self.command = command
         self._counted(lambda m: m.sessionStarted(self.sessionType, self.pty is not None))
+        self._reportStart()
         decision = self.context.policy.allowCommand(command)
         if not decision.allowed:
+            self._endReason = transferRefusal(None, command)
             self._counted(lambda m: m.fileTransfersBlocked.labels("exec").inc())
             log.warn(
                 "{reason}: command {command!r} refused for {peer}",
@@ -316,6 +336,7 @@ class SessionChannel(channel.SSHChannel):
                 lambda m: m.sessionFailed(self.sessionType, self.pty is not None, "start_command")
             )
             message = f"coder-agent: cannot start {self.context.user.shell}: {e}\n"
+            self._endReason = f"start command: {e}"
 
             def fail() -> None:
                 self.writeExtended(connection.EXTENDED_DATA_STDERR, message.encode())
@@ -380,6 +401,7 @@ class SessionChannel(channel.SSHChannel):
                 # server error", exit status 1.
                 log.failure("SFTP session failed")
                 self._counted(lambda m: m.sftpErrors.inc())
+                self._endReason = "sftp server error"
                 self.finish(1)
         elif self.process is not None and not self._ended:
             self.process.write(data)
@@ -445,6 +467,7 @@ class SessionChannel(channel.SSHChannel):
             return
         self._finished = True
         status = self._finishing
+        self._reported(status)
         if isinstance(status, tuple):
             name, core = status
             payload = (
@@ -474,6 +497,7 @@ class SessionChannel(channel.SSHChannel):
 
     def closed(self) -> None:
         self._gone = True
+        self._reported(self._finishing)  # if the status could not be sent
         if self.process is not None and not self._ended:
             # Connection gone: hang up a terminal; close a plain command's
             # pipes and let it finish, as sshd does.

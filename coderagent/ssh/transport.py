@@ -61,6 +61,9 @@ class AgentServerTransport(transport.SSHServerTransport):
     authenticated = False
     #: When the connection was made (for the debug server).
     since = 0.0
+    #: Bytes of the SSH stream read from and written to the client (coderagent.ssh.traffic).
+    rxBytes = 0
+    txBytes = 0
 
     def connectionMade(self) -> None:
         self._rbuf = bytearray()
@@ -159,6 +162,7 @@ class AgentServerTransport(transport.SSHServerTransport):
         return None
 
     def dataReceived(self, data: bytes) -> None:
+        self.rxBytes += len(data)
         if self.gotVersion:
             self._rbuf += data
         else:
