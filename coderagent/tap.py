@@ -1,11 +1,13 @@
 """``twistd coder-agent``: parse the options and wire the services together.
 
 Wiring only: each concept is built by its own package (``ssh``, ``policy``,
-``coderd``, ``boundary``, ``observe``, ``control``), which also does its own
-I/O when its service starts (host keys, the token file, log files, the
-spool), never here.  Everything goes into one ``MultiService``: the SSH
-server first (it serves whether or not coderd is reachable), then the coderd
-client with the services that talk through it as its children.
+``coderd``, ``reporting``, ``boundary``, ``observe``, ``control``), which
+also does its own I/O when its service starts (host keys, the token file,
+log files, the spool), never here.  Everything goes into one
+``MultiService``: the coderd client with the services that talk through it
+as its children, then the SSH server (which serves whether or not coderd is
+reachable), the two stopped in turn, the SSH server first, so that what its
+sessions' ends report still reaches coderd.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from coderagent.options import Options
 from coderagent.policy import Policy
 from coderagent.reaper import Reaper
 from coderagent.reporting.activity import SSHActivity, connectionsByProto
+from coderagent.reporting.connlog import ConnectionLog
 from coderagent.reporting.stats import StatsReporter, StatsSources
+from coderagent.services import StopInOrder
 from coderagent.signals import GracefulSignals
 from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
@@ -84,20 +88,6 @@ def makeService(
     token = credentials.token or preflight.load(credentials.readToken, CredentialsError)
     hostKeyDir = options["ssh-host-key-dir"]
     hostKeys = preflight.load(lambda: loadHostKeys(hostKeyDir), HostKeyError)
-    activity = SSHActivity()
-    context, factory = _ssh(options, reactor, environ, metrics, hostKeys, activity)
-    ListeningService(
-        reactor=reactor,
-        description=options["ssh-endpoint"],
-        factory=factory,
-        what="SSH server",
-        required=True,
-        drain=factory.shutdown,
-        prepare=factory.loadHostKeys,
-    ).setServiceParent(top)
-    status.add("ssh", lambda: {"connections": len(factory.connections)})
-    Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
-
     coderd = CoderdClient(
         url=credentials.url,
         token=token,
@@ -106,10 +96,31 @@ def makeService(
         reactor=reactor,
         environ=environ,
     )
+    connectionLog = ConnectionLog(coderd, clock=reactor)
+    activity = SSHActivity(connectionLog)
+    context, factory = _ssh(options, reactor, environ, metrics, hostKeys, activity)
+    # The SSH server stops first, and the coderd client only once it has: the
+    # sessions its goodbye ends are still logged to coderd.
+    coderdThenSSH = StopInOrder()
+    coderdThenSSH.setServiceParent(top)
+    coderd.setServiceParent(coderdThenSSH)
+    ListeningService(
+        reactor=reactor,
+        description=options["ssh-endpoint"],
+        factory=factory,
+        what="SSH server",
+        required=True,
+        drain=factory.shutdown,
+        prepare=factory.loadHostKeys,
+    ).setServiceParent(coderdThenSSH)
+    status.add("ssh", lambda: {"connections": len(factory.connections)})
+    Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
+
     reporter = Reporter(coderd, environ, reactor)
     reporter.onManifest(lambda manifest: context.overrides.update(sessionVariables(manifest)))
     reporter.setServiceParent(coderd)
     _boundary(options, reactor, metrics, context, status, coderd).setServiceParent(coderd)
+    connectionLog.setServiceParent(coderd)
     stats = StatsReporter(
         coderd,
         StatsSources(
@@ -121,7 +132,6 @@ def makeService(
         clock=reactor,
     )
     stats.setServiceParent(coderd)
-    coderd.setServiceParent(top)
     status.add(
         "coderd",
         lambda: {

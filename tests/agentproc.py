@@ -118,6 +118,12 @@ class LoggedProcess:
             if m:
                 return len(self.lines) - 1, m
 
+    def mark(self) -> int:
+        """How many lines have been read: ``since=mark()`` skips them (lines the process
+        wrote before this call may still be on their way through the pipe)."""
+        self.drain()
+        return len(self.lines)
+
     def waitForCount(
         self, pattern: str | re.Pattern[str], n: int, timeout: float = TIMEOUT
     ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import IO, Any
@@ -23,6 +24,7 @@ from coderagent.coderd.api import RPCS
 from coderagent.coderd.drpcwire import DRPCError
 from coderagent.devcoderd.coderdlog import boundaryLines, formatFields, rpcLog
 from coderagent.devcoderd.workspace import Workspace
+from coderagent.gotext import goQuote
 from coderagent.observe.logs import humanLine
 from coderagent.pb import agent_pb2
 
@@ -75,7 +77,7 @@ class DevAgentAPI:
         self.out: IO[str] = out or sys.__stderr__ or sys.stderr
         self.lifecycle: list[int] = []
         self.startup: agent_pb2.Startup | None = None
-        self.connections: list[agent_pb2.Connection] = []
+        self.connections: deque[agent_pb2.Connection] = deque(maxlen=KEEP_IN_STATE)
         #: The latest stats reports (blank ones, which only ask the interval, are not kept).
         self.stats: deque[agent_pb2.Stats] = deque(maxlen=KEEP_IN_STATE)
         #: Sums over every stats report, of the fields that are per period.
@@ -135,7 +137,7 @@ class DevAgentAPI:
             },
             "lifecycle": [agent_pb2.Lifecycle.State.Name(s) for s in self.lifecycle],
             "startup": _json(self.startup) if self.startup is not None else None,
-            "connections": [_json(c) for c in self.connections[-KEEP_IN_STATE:]],
+            "connections": [_json(c) for c in self.connections],
             "stats": [_json(s) for s in self.stats],
             "stats_totals": dict(self.statsTotals),
             "logs": [_json(entry) for entry in self.logs[-KEEP_IN_STATE:]],
@@ -162,14 +164,29 @@ class DevAgentAPI:
         )
         return request.startup
 
+    # -- ReportConnection ------------------------------------------------------------
+
     def reportConnection(self, request: agent_pb2.ReportConnectionRequest) -> Message:
-        self.connections.append(request.connection)
         c = request.connection
+        if len(c.id) != 16:
+            raise DRPCError(0, f"connection id from bytes: invalid UUID (got {len(c.id)} bytes)")
+        if c.id == bytes(16):
+            raise DRPCError(0, "connection ID cannot be nil")
+        if c.action == agent_pb2.Connection.ACTION_UNSPECIFIED:
+            raise DRPCError(0, "unmapped agent proto connection action: ACTION_UNSPECIFIED")
+        if c.type == agent_pb2.Connection.TYPE_UNSPECIFIED:
+            raise DRPCError(0, "unmapped agent proto connection type: TYPE_UNSPECIFIED")
+        self.connections.append(c)
+        ended = ""
+        if c.action == agent_pb2.Connection.DISCONNECT:
+            ended = f" status={c.status_code} reason={goQuote(c.reason)}"
         log.info(
-            "agent connection {action}: {type} from {ip}",
+            "agent connection {action}: {type} from {ip} id={id}{ended}",
             action=agent_pb2.Connection.Action.Name(c.action),
             type=agent_pb2.Connection.Type.Name(c.type),
             ip=c.ip or "?",
+            id=uuid.UUID(bytes=c.id),
+            ended=ended,
         )
         return empty_pb2.Empty()
 

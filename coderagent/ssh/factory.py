@@ -88,12 +88,15 @@ class AgentSSHFactory(factory.SSHFactory):
     def connectionEnded(self, t: AgentServerTransport) -> None:
         """``t`` is gone: forget it, count it if it never authenticated.
 
-        The last connection to go settles a graceful shutdown waiting for it.
+        The last connection to go settles a graceful shutdown waiting for it,
+        on the next reactor turn: the transport calls this before it stops its
+        service, and what the channels do when they close (report their
+        session's end) must happen before the shutdown goes on.
         """
         self.connections.discard(t)
         self.traffic.connectionEnded(t)
         if not self.connections:
-            self._drain()
+            self.reactor.callLater(0, self._drain)
         if not t.authenticated and self.metrics is not None:
             self.metrics.sshFailedConnections.inc()
 

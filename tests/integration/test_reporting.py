@@ -8,6 +8,7 @@ state file.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from tests.agentproc import (
     Coderd,
     runningAgent,
     runningCoderd,
+    ssh,
     sshOptions,
 )
 from tests.integration.test_forwarding import (
@@ -37,6 +39,7 @@ from tests.integration.test_forwarding import (
     serving,
     sshMaster,
 )
+from tests.integration.test_sftp_scp import _clientOptions
 
 MiB = 1024 * 1024
 TOKEN = "reporting-token"
@@ -65,7 +68,12 @@ def reporting(
     work = tmp_path_factory.mktemp("reporting")
     extra = ["--report-interval=1s", f"--state-file={work / 'state.json'}"]
     with runningCoderd(work / "coderd", token=TOKEN, extra=extra) as coderd:
-        args = [f"--agent-url={coderd.url}", f"--agent-token={TOKEN}"]
+        args = [
+            f"--agent-url={coderd.url}",
+            f"--agent-token={TOKEN}",
+            "--block-reverse-port-forwarding",
+            "--block-file-transfer",
+        ]
         with runningAgent(clientKeys, work / "agent", args) as agent:
             coderd.waitForLog("agent lifecycle: READY")
             yield Reporting(coderd, agent, work)
@@ -127,3 +135,134 @@ def test_every_byte_of_a_forward_is_in_the_stats(
         coderd.waitForLog(STATS, since=len(coderd.lines))
     assert all(int(m["rxp"]) >= 0 and int(m["txp"]) >= 0 for m in reports)
     assert sum(int(m["rxp"]) for m in reports) >= len(data) // (256 * 1024)
+
+
+# -- the connection log -----------------------------------------------------------------
+
+CONNECTION = re.compile(
+    r"agent connection (?P<action>CONNECT|DISCONNECT): (?P<type>\w+) from (?P<ip>\S+) "
+    r"id=(?P<id>[0-9a-f-]{36})(?: status=(?P<status>-?\d+) reason=(?P<reason>\".*\"))?$"
+)
+
+
+def _mark(coderd: Coderd) -> int:
+    """Where coderd-dev's log is once everything reported so far is in it: at the next
+    stats report (its lines come in the order coderd-dev handled the calls)."""
+    index, _ = coderd.waitForLine(STATS, since=coderd.mark())
+    return index + 1
+
+
+def _connections(coderd: Coderd, since: int) -> list[re.Match[str]]:
+    return [m for m in (CONNECTION.search(line.rstrip("\n")) for line in coderd.lines[since:]) if m]
+
+
+def _pair(coderd: Coderd, since: int, reason: str) -> tuple[re.Match[str], re.Match[str]]:
+    """The CONNECT and the DISCONNECT, logged from line ``since`` on, of the entry ending
+    with ``reason``."""
+    quoted = re.escape(json.dumps(reason))
+    coderd.waitForLog(rf"agent connection DISCONNECT: .* reason={quoted}$", since=since)
+    events = _connections(coderd, since)
+    [end] = [m for m in events if m["reason"] and json.loads(m["reason"]) == reason]
+    [start] = [m for m in events if m["id"] == end["id"] and m["action"] == "CONNECT"]
+    assert events.index(start) < events.index(end)
+    return start, end
+
+
+def test_each_session_is_a_pair_with_its_exit_status(
+    reporting: Reporting, clientKeys: ClientKeys
+) -> None:
+    coderd, agent = reporting.coderd, reporting.agent
+    since = _mark(coderd)
+    assert ssh(agent, clientKeys.key, "true").returncode == 0
+    start, end = _pair(coderd, since, "graceful")
+    assert (start["type"], start["ip"], end["status"]) == ("SSH", "127.0.0.1", "0")
+    since = _mark(coderd)
+    assert ssh(agent, clientKeys.key, "exit 3").returncode == 3
+    start, end = _pair(coderd, since, "process exited with error status: 3")
+    assert end["status"] == "3"
+    since = _mark(coderd)
+    assert ssh(agent, clientKeys.key, "kill -9 $$").returncode == 255
+    _, end = _pair(coderd, since, "signal: killed")
+    assert end["status"] == "255"
+    since = _mark(coderd)
+    vscode = ["-o", "SetEnv=CODER_SSH_SESSION_TYPE=vscode"]
+    result = ssh(agent, clientKeys.key, "true", options=vscode)
+    assert result.returncode == 0
+    start, end = _pair(coderd, since, "graceful")
+    assert start["type"] == end["type"] == "VSCODE"
+
+
+def test_a_blocked_reverse_forward_is_in_the_connection_log(
+    reporting: Reporting, clientKeys: ClientKeys
+) -> None:
+    coderd, agent = reporting.coderd, reporting.agent
+    since = _mark(coderd)
+    port = freePort()
+    refused = subprocess.run(
+        [
+            "ssh",
+            *sshOptions(agent, clientKeys.key),
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            f"0.0.0.0:{port}:127.0.0.1:9",
+            f"coder@{agent.host}",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
+    assert refused.returncode == 255
+    assert b"remote port forwarding failed" in refused.stderr
+    reason = f"reverse port forwarding blocked: tcpip-forward 0.0.0.0:{port}"
+    start, end = _pair(coderd, since, reason)
+    assert (start["type"], start["ip"], end["status"]) == ("SSH", "127.0.0.1", "1")
+
+
+def test_blocked_file_transfers_are_in_the_connection_log(
+    reporting: Reporting, clientKeys: ClientKeys, tmp_path: Path
+) -> None:
+    coderd, agent = reporting.coderd, reporting.agent
+    since = _mark(coderd)
+    result = ssh(agent, clientKeys.key, "scp -t /tmp/x")
+    assert result.returncode == 65
+    _, end = _pair(coderd, since, 'file transfer blocked: exec "scp -t /tmp/x"')
+    assert end["status"] == "65"
+    since = _mark(coderd)
+    sftp = subprocess.run(
+        ["sftp", *_clientOptions(agent, clientKeys), "-b", "-", f"coder@{agent.host}"],
+        input=b"ls\n",
+        capture_output=True,
+        timeout=TIMEOUT,
+        cwd=tmp_path,
+    )
+    assert sftp.returncode != 0 and b"Connection closed" in sftp.stderr
+    _, end = _pair(coderd, since, "file transfer blocked: subsystem sftp")
+    assert end["status"] == "65"
+
+
+def test_sessions_ended_by_a_shutdown_reach_coderd_before_the_agent_exits(
+    clientKeys: ClientKeys, tmp_path: Path
+) -> None:
+    with runningCoderd(tmp_path / "coderd", token=TOKEN) as coderd:
+        args = [f"--agent-url={coderd.url}", f"--agent-token={TOKEN}"]
+        with runningAgent(clientKeys, tmp_path / "agent", args) as agent:
+            coderd.waitForLog("agent lifecycle: READY")
+            session = subprocess.Popen(
+                ["ssh", *sshOptions(agent, clientKeys.key), f"coder@{agent.host}", "cat"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            start = coderd.waitForLog(CONNECTION)
+            assert start["action"] == "CONNECT"
+        # runningAgent sent SIGTERM and waited for the agent to exit.
+        session.wait(TIMEOUT)
+        coderd.waitForLog("agent lifecycle: OFF")
+        ends = [m for m in _connections(coderd, 0) if m["action"] == "DISCONNECT"]
+        assert [(m["id"], m["status"], m["reason"]) for m in ends] == [
+            (start["id"], "1", '"connection lost"')
+        ]
+        lines = coderd.log()
+        assert lines.index("agent connection DISCONNECT") < lines.index("agent lifecycle: OFF")

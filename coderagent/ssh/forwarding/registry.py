@@ -4,7 +4,8 @@ One :class:`Forwards` lives on each authenticated SSH connection.  It holds
 the listeners that connection created (so they all close when it ends, and
 one connection can never cancel another's), answers who the peer is for log
 lines, and accounts for refusals: every one is logged at WARN with what was
-asked for and counted in ``agent_ssh_forwarding_refused_total``.
+asked for, counted in ``agent_ssh_forwarding_refused_total`` and told to the
+session context's connection events (coderd's connection log).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coderagent.netaddr import UNKNOWN, describePeer
+from coderagent.ssh.events import forwardRefusal
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 
 if TYPE_CHECKING:
@@ -75,18 +77,20 @@ class Forwards:
         """Ask the policy about a local forward; raise the open failure it refuses with."""
         decision = self.policy.allowLocalForward(transport, target)
         if not decision.allowed:
-            self.refused("local", transport, decision, what)
+            self.refused("local", transport, decision, what, target)
             raise ConchError(decision.reason, OPEN_ADMINISTRATIVELY_PROHIBITED)
 
     def allowsReverse(self, transport: str, target: str, what: str) -> bool:
         """Ask the policy about a reverse forward; a refusal is accounted for here."""
         decision = self.policy.allowReverseForward(transport, target)
         if not decision.allowed:
-            self.refused("reverse", transport, decision, what)
+            self.refused("reverse", transport, decision, what, target)
         return decision.allowed
 
-    def refused(self, direction: str, transport: str, decision: Decision, what: str) -> None:
-        """Account for one policy refusal: a WARN line and the counter."""
+    def refused(
+        self, direction: str, transport: str, decision: Decision, what: str, target: str
+    ) -> None:
+        """Account for one policy refusal: a WARN line, the counter, the connection log."""
         log.warn(
             "{kind} blocked: {what} from {peer}: {reason}",
             kind=_KIND[direction, transport],
@@ -99,6 +103,15 @@ class Forwards:
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
             metrics.forwardingRefused(direction, transport)
+        events = getattr(self.context, "events", None)
+        if events is not None:
+            events.refused(self._peerAddress(), forwardRefusal(direction, transport, target))
+
+    def _peerAddress(self) -> object:
+        try:
+            return self.avatar.conn.transport.transport.getPeer()
+        except AttributeError:
+            return None
 
     def requireDeferredOpens(self) -> None:
         """Refuse to connect on a connection that would confirm before the connect.
