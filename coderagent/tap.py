@@ -22,7 +22,7 @@ from coderagent.boundary.service import BoundaryService
 from coderagent.boundary.spool import Spool
 from coderagent.coderd.client import CoderdClient
 from coderagent.coderd.credentials import CredentialsError, checkCredentials
-from coderagent.coderd.lifecycle import Reporter, sessionVariables
+from coderagent.coderd.lifecycle import Reporter, expandDirectory, sessionVariables
 from coderagent.control.server import controlSocket
 from coderagent.listening import ListeningService
 from coderagent.observe.connections import describeConnections
@@ -34,13 +34,15 @@ from coderagent.options import Options
 from coderagent.policy import Policy
 from coderagent.reaper import Reaper
 from coderagent.reporting.activity import SSHActivity, connectionsByProto
+from coderagent.reporting.command import CommandRunner
 from coderagent.reporting.connlog import ConnectionLog
+from coderagent.reporting.metadata import MetadataReporter
 from coderagent.reporting.stats import StatsReporter, StatsSources
 from coderagent.services import StopInOrder
 from coderagent.signals import GracefulSignals
 from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
-from coderagent.ssh.environment import UserInfo
+from coderagent.ssh.environment import UserInfo, sessionEnvironment
 from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
 from coderagent.ssh.session import SessionContext
@@ -132,6 +134,18 @@ def makeService(
         clock=reactor,
     )
     stats.setServiceParent(coderd)
+    MetadataReporter(
+        coderd,
+        manifest=lambda: reporter.manifest,
+        runner=CommandRunner(
+            reactor=reactor,
+            shell=context.user.shell,
+            home=context.user.home,
+            environment=lambda: _commandEnvironment(context),
+            directory=lambda: _workspaceDirectory(reporter, environ),
+        ),
+        clock=reactor,
+    ).setServiceParent(coderd)
     status.add(
         "coderd",
         lambda: {
@@ -232,6 +246,29 @@ def _boundary(
         },
     )
     return boundary
+
+
+def _commandEnvironment(context: SessionContext) -> dict[str, str]:
+    """What the commands the agent runs for the workspace (metadata scripts) run with.
+
+    For now the sessions' environment without a client, as upstream's
+    ``CreateCommand`` gives them (placeholder ``SSH_CLIENT``); the one place to
+    switch to the manifest-aware environment of workspace commands.
+    """
+    return sessionEnvironment(
+        agentEnvironment=context.agentEnvironment,
+        clientEnvironment=(),
+        user=context.user,
+        defaults=context.defaults,
+        overrides=context.overrides,
+        peer=("0.0.0.0", 0),  # noqa: S104 - upstream's placeholder, not a bind address
+        local=("0.0.0.0", 0),  # noqa: S104
+    )
+
+
+def _workspaceDirectory(reporter: Reporter, environ: Mapping[str, str]) -> str:
+    manifest = reporter.manifest
+    return expandDirectory(manifest.directory if manifest else "", environ)
 
 
 def _ignored(options: Mapping[str, Any]) -> list[str]:

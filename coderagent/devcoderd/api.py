@@ -41,6 +41,9 @@ KEEP_BOUNDARY_REQUESTS = 20_000
 #: UpdateStats' answer: when to report next (coderd's default ``--agent-stats-refresh-interval``).
 STATS_INTERVAL_SECONDS = 30.0
 
+#: How much of a metadata value its ``agent metadata`` line shows.
+METADATA_SHOWN = 80
+
 #: The stats fields coderd-dev's ``agent stats`` line shows, in order.
 STATS_LINE_FIELDS = (
     "connection_count",
@@ -83,6 +86,8 @@ class DevAgentAPI:
         #: Sums over every stats report, of the fields that are per period.
         self.statsTotals = dict.fromkeys(("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"), 0)
         self.logs: list[agent_pb2.Log] = []
+        #: The latest value of each metadata key, as the agent sent it.
+        self.metadata: dict[str, agent_pb2.WorkspaceAgentMetadata.Result] = {}
         self.boundaryLogs = 0
         self._boundarySessions: set[str] = set()
         #: The latest ReportBoundaryLogs requests accepted, in order (for tests and inspection).
@@ -101,6 +106,7 @@ class DevAgentAPI:
             ("GetAnnouncementBanners", self.getAnnouncementBanners),
             ("UpdateStats", self.updateStats),
             ("ReportBoundaryLogs", self.reportBoundaryLogs),
+            ("BatchUpdateMetadata", self.batchUpdateMetadata),
         ):
             self.handlers[RPCS[name].path] = _typed(RPCS[name].request, method, self._handled)
 
@@ -140,6 +146,7 @@ class DevAgentAPI:
             "connections": [_json(c) for c in self.connections],
             "stats": [_json(s) for s in self.stats],
             "stats_totals": dict(self.statsTotals),
+            "metadata": {key: _json(result) for key, result in sorted(self.metadata.items())},
             "logs": [_json(entry) for entry in self.logs[-KEEP_IN_STATE:]],
             "boundary": {"logs": self.boundaryLogs, "sessions": len(self._boundarySessions)},
         }
@@ -219,6 +226,25 @@ class DevAgentAPI:
             "agent stats: {fields} metrics={metrics}", fields=shown, metrics=len(stats.metrics)
         )
         return response
+
+    # -- BatchUpdateMetadata ---------------------------------------------------------
+
+    def batchUpdateMetadata(self, request: agent_pb2.BatchUpdateMetadataRequest) -> Message:
+        keys = {d.key for d in self.workspace.metadata}
+        for item in request.metadata:
+            if item.key not in keys:
+                log.warn("agent metadata for a key not in the manifest: {key}", key=item.key)
+                continue
+            self.metadata[item.key] = item.result
+            value = item.result.value
+            log.info(
+                "agent metadata {key}: {size} bytes {value} error={error}",
+                key=item.key,
+                size=len(value.encode()),
+                value=goQuote(value[:METADATA_SHOWN]),
+                error=goQuote(item.result.error),
+            )
+        return agent_pb2.BatchUpdateMetadataResponse()
 
     def reportBoundaryLogs(self, request: agent_pb2.ReportBoundaryLogsRequest) -> Message:
         count = len(request.logs)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from zope.interface import implementer
 
 from coderagent.gotext import goQuote
+from coderagent.gotext import signalText as goSignalText
 from coderagent.ssh.interfaces import IConnectionEvents
 
 #: What a session reports when its process was killed by a signal (upstream maps Go's -1).
@@ -52,9 +53,9 @@ def shown(text: str) -> str:
 def signalText(name: str, coreDumped: bool = False) -> str:
     """Go's ``ExitError`` text for a process killed by signal ``name`` (``KILL``)."""
     number = getattr(signal, f"SIG{name}", None)
-    described = signal.strsignal(number) if number is not None else None
-    text = f"signal: {described[:1].lower() + described[1:]}" if described else f"signal: {name}"
-    return text + " (core dumped)" if coreDumped else text
+    if number is None:
+        return f"signal: {name}"
+    return goSignalText(number, coreDumped)
 
 
 def sessionEnd(status: SessionStatus, reason: str | None = None) -> tuple[int, str]:

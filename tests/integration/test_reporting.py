@@ -50,6 +50,27 @@ STATS = re.compile(
 )
 
 
+BIG = 2 * MiB
+MANIFEST = {
+    "metadata": [
+        {"key": "clock", "display_name": "Clock", "script": "date +%s%N", "interval": "1s"},
+        {
+            "key": "hang",
+            "display_name": "Hangs",
+            "script": "echo before; sleep 30",
+            "interval": "1s",
+            "timeout": "1s",
+        },
+        {
+            "key": "big",
+            "display_name": "Big",
+            "script": f"head -c {BIG} /dev/zero | tr '\\0' x",
+            "interval": "60s",
+        },
+    ],
+}
+
+
 @dataclass
 class Reporting:
     coderd: Coderd
@@ -66,7 +87,13 @@ def reporting(
     clientKeys: ClientKeys, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Reporting]:
     work = tmp_path_factory.mktemp("reporting")
-    extra = ["--report-interval=1s", f"--state-file={work / 'state.json'}"]
+    manifest = work / "manifest.json"
+    manifest.write_text(json.dumps(MANIFEST))
+    extra = [
+        "--report-interval=1s",
+        f"--state-file={work / 'state.json'}",
+        f"--manifest={manifest}",
+    ]
     with runningCoderd(work / "coderd", token=TOKEN, extra=extra) as coderd:
         args = [
             f"--agent-url={coderd.url}",
@@ -266,3 +293,38 @@ def test_sessions_ended_by_a_shutdown_reach_coderd_before_the_agent_exits(
         ]
         lines = coderd.log()
         assert lines.index("agent connection DISCONNECT") < lines.index("agent lifecycle: OFF")
+
+
+# -- metadata ---------------------------------------------------------------------------
+
+METADATA = re.compile(
+    r"agent metadata (?P<key>\S+): (?P<size>\d+) bytes (?P<value>\".*\") error=(?P<error>\".*\")$"
+)
+
+
+def _metadata(coderd: Coderd, key: str, since: int = 0) -> tuple[int, re.Match[str]]:
+    index, _ = coderd.waitForLine(rf"agent metadata {key}: ", since=since)
+    m = METADATA.search(coderd.lines[index].rstrip("\n"))
+    assert m is not None, coderd.lines[index]
+    return index, m
+
+
+def test_metadata_with_a_1s_interval_keeps_changing(reporting: Reporting) -> None:
+    coderd = reporting.coderd
+    index, first = _metadata(coderd, "clock")
+    _, second = _metadata(coderd, "clock", since=index + 1)
+    assert json.loads(first["error"]) == json.loads(second["error"]) == ""
+    assert int(json.loads(first["value"])) < int(json.loads(second["value"]))
+
+
+def test_a_metadata_script_that_hangs_is_cut_at_its_timeout(reporting: Reporting) -> None:
+    _, hang = _metadata(reporting.coderd, "hang")
+    assert json.loads(hang["value"]) == "before\n"
+    assert json.loads(hang["error"]) == "run cmd: signal: killed\ncontext deadline exceeded"
+
+
+def test_2_mib_of_metadata_output_is_cut_to_10_kib(reporting: Reporting) -> None:
+    _, big = _metadata(reporting.coderd, "big")
+    assert big["size"] == "10240"
+    assert json.loads(big["error"]) == f"run cmd: output truncated from {BIG} to 10240 bytes"
+    assert json.loads(big["value"]) == "x" * 80  # what the line shows of it
