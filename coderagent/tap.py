@@ -37,6 +37,7 @@ from coderagent.reporting.activity import SSHActivity, connectionsByProto
 from coderagent.reporting.command import CommandRunner
 from coderagent.reporting.connlog import ConnectionLog
 from coderagent.reporting.metadata import MetadataReporter
+from coderagent.reporting.resources import ResourcesMonitor
 from coderagent.reporting.stats import StatsReporter, StatsSources
 from coderagent.services import StopInOrder
 from coderagent.signals import GracefulSignals
@@ -146,6 +147,7 @@ def makeService(
         ),
         clock=reactor,
     ).setServiceParent(coderd)
+    ResourcesMonitor(coderd, clock=reactor).setServiceParent(coderd)
     status.add(
         "coderd",
         lambda: {

@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from google.protobuf import duration_pb2, empty_pb2, json_format
@@ -40,6 +40,9 @@ KEEP_BOUNDARY_REQUESTS = 20_000
 
 #: UpdateStats' answer: when to report next (coderd's default ``--agent-stats-refresh-interval``).
 STATS_INTERVAL_SECONDS = 30.0
+
+#: How many resources usage pushes coderd-dev remembers.
+KEEP_RESOURCE_PUSHES = 20
 
 #: How much of a metadata value its ``agent metadata`` line shows.
 METADATA_SHOWN = 80
@@ -70,12 +73,15 @@ class DevAgentAPI:
         out: IO[str] | None = None,
         *,
         reportInterval: float = STATS_INTERVAL_SECONDS,
+        monitoring: agent_pb2.GetResourcesMonitoringConfigurationResponse | None = None,
     ) -> None:
         """``out`` receives the ``boundary_request`` lines (default: the process's stderr,
         not whatever twistd later puts in ``sys.stderr``); ``reportInterval`` is the
-        stats interval UpdateStats answers (``--report-interval``)."""
+        stats interval UpdateStats answers (``--report-interval``); ``monitoring`` the
+        resources monitoring configuration (``--monitor-*``; default: nothing watched)."""
         self.workspace = workspace
         self.reportInterval = reportInterval
+        self.monitoring = monitoring or resourcesMonitoring()
         self.clock = clock
         self.out: IO[str] = out or sys.__stderr__ or sys.stderr
         self.lifecycle: list[int] = []
@@ -88,6 +94,10 @@ class DevAgentAPI:
         self.logs: list[agent_pb2.Log] = []
         #: The latest value of each metadata key, as the agent sent it.
         self.metadata: dict[str, agent_pb2.WorkspaceAgentMetadata.Result] = {}
+        #: The latest resources usage pushes, each the agent's window of datapoints.
+        self.resourcePushes: deque[agent_pb2.PushResourcesMonitoringUsageRequest] = deque(
+            maxlen=KEEP_RESOURCE_PUSHES
+        )
         self.boundaryLogs = 0
         self._boundarySessions: set[str] = set()
         #: The latest ReportBoundaryLogs requests accepted, in order (for tests and inspection).
@@ -107,6 +117,8 @@ class DevAgentAPI:
             ("UpdateStats", self.updateStats),
             ("ReportBoundaryLogs", self.reportBoundaryLogs),
             ("BatchUpdateMetadata", self.batchUpdateMetadata),
+            ("GetResourcesMonitoringConfiguration", self.getResourcesMonitoringConfiguration),
+            ("PushResourcesMonitoringUsage", self.pushResourcesMonitoringUsage),
         ):
             self.handlers[RPCS[name].path] = _typed(RPCS[name].request, method, self._handled)
 
@@ -147,6 +159,10 @@ class DevAgentAPI:
             "stats": [_json(s) for s in self.stats],
             "stats_totals": dict(self.statsTotals),
             "metadata": {key: _json(result) for key, result in sorted(self.metadata.items())},
+            "resources": {
+                "configuration": _json(self.monitoring),
+                "pushes": [_json(push) for push in self.resourcePushes],
+            },
             "logs": [_json(entry) for entry in self.logs[-KEEP_IN_STATE:]],
             "boundary": {"logs": self.boundaryLogs, "sessions": len(self._boundarySessions)},
         }
@@ -246,6 +262,30 @@ class DevAgentAPI:
             )
         return agent_pb2.BatchUpdateMetadataResponse()
 
+    # -- resources monitoring ----------------------------------------------------------
+
+    def getResourcesMonitoringConfiguration(
+        self, request: agent_pb2.GetResourcesMonitoringConfigurationRequest
+    ) -> Message:
+        return self.monitoring
+
+    def pushResourcesMonitoringUsage(
+        self, request: agent_pb2.PushResourcesMonitoringUsageRequest
+    ) -> Message:
+        self.resourcePushes.append(request)
+        if request.datapoints:
+            latest = request.datapoints[-1]
+            parts = []
+            if latest.HasField("memory"):
+                parts.append(f"memory_used={latest.memory.used} memory_total={latest.memory.total}")
+            parts.extend(f"volume={v.volume} used={v.used} total={v.total}" for v in latest.volumes)
+            log.info(
+                "agent resources: datapoints={count} {latest}",
+                count=len(request.datapoints),
+                latest=" ".join(parts),
+            )
+        return agent_pb2.PushResourcesMonitoringUsageResponse()
+
     def reportBoundaryLogs(self, request: agent_pb2.ReportBoundaryLogsRequest) -> Message:
         count = len(request.logs)
         if count == 0:
@@ -276,6 +316,21 @@ class DevAgentAPI:
         self.out.write("".join(lines))
         self.out.flush()
         return agent_pb2.ReportBoundaryLogsResponse()
+
+
+def resourcesMonitoring(
+    *, memory: bool = False, volumes: Sequence[str] = (), interval: int = 10, datapoints: int = 20
+) -> agent_pb2.GetResourcesMonitoringConfigurationResponse:
+    """A resources monitoring configuration, as coderd builds it from the template's
+    ``resources_monitoring`` (coderd's interval is 10 s, its window 20 datapoints)."""
+    Response = agent_pb2.GetResourcesMonitoringConfigurationResponse
+    config = Response(
+        config=Response.Config(num_datapoints=datapoints, collection_interval_seconds=interval),
+        volumes=[Response.Volume(enabled=True, path=path) for path in volumes],
+    )
+    if memory:
+        config.memory.enabled = True
+    return config
 
 
 def _json(message: Message) -> dict[str, Any]:

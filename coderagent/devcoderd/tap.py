@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from coderagent.devcoderd.api import DevAgentAPI
+from coderagent.devcoderd.api import DevAgentAPI, resourcesMonitoring
 from coderagent.devcoderd.server import DevCoderdFactory
 from coderagent.devcoderd.statefile import StateFile
 from coderagent.devcoderd.workspace import ManifestError, Workspace
@@ -32,6 +32,10 @@ DEFAULT_LISTEN = "tcp:3000:interface=127.0.0.1"
 
 class Options(usage.Options):
     """Options of ``twistd coderd-dev``."""
+
+    optFlags = [
+        ["monitor-memory", None, "Resources monitoring: watch the workspace's memory."],
+    ]
 
     longdesc = (
         "A development coderd: serves the Coder agent API (WebSocket, yamux, DRPC) in memory "
@@ -59,11 +63,30 @@ class Options(usage.Options):
             "The stats report interval UpdateStats answers, a Go duration (coderd's "
             "--agent-stats-refresh-interval).",
         ],
+        [
+            "monitor-interval",
+            None,
+            "10",
+            "Resources monitoring: seconds between datapoints (coderd's default 10).",
+            int,
+        ],
+        [
+            "monitor-datapoints",
+            None,
+            "20",
+            "Resources monitoring: datapoints sent at once (coderd's default 20).",
+            int,
+        ],
     ]
+
+    def opt_monitor_volume(self, path: str) -> None:
+        """Resources monitoring: watch the volume holding PATH (may be repeated)."""
+        self.volumes.append(path)
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.environ = os.environ if environ is None else environ
+        self.volumes: list[str] = []
 
     def postOptions(self) -> None:
         if not self["token"]:
@@ -107,6 +130,12 @@ def makeService(options: Options, reactor: Any = None) -> DevCoderdService:
     api = DevAgentAPI(
         getattr(options, "workspace", None) or Workspace(),
         reportInterval=options["report-interval"],
+        monitoring=resourcesMonitoring(
+            memory=bool(options["monitor-memory"]),
+            volumes=getattr(options, "volumes", []),
+            interval=options["monitor-interval"],
+            datapoints=options["monitor-datapoints"],
+        ),
     )
     if getattr(options, "generatedToken", False):
         # Printed, not logged: it is what the operator copies into the agent.

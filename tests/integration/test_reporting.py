@@ -9,6 +9,7 @@ state file.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -93,6 +94,10 @@ def reporting(
         "--report-interval=1s",
         f"--state-file={work / 'state.json'}",
         f"--manifest={manifest}",
+        "--monitor-memory",
+        f"--monitor-volume={work}",
+        "--monitor-interval=1",
+        "--monitor-datapoints=2",
     ]
     with runningCoderd(work / "coderd", token=TOKEN, extra=extra) as coderd:
         args = [
@@ -328,3 +333,24 @@ def test_2_mib_of_metadata_output_is_cut_to_10_kib(reporting: Reporting) -> None
     assert big["size"] == "10240"
     assert json.loads(big["error"]) == f"run cmd: output truncated from {BIG} to 10240 bytes"
     assert json.loads(big["value"]) == "x" * 80  # what the line shows of it
+
+
+# -- resources monitoring ---------------------------------------------------------------
+
+
+def test_memory_and_volume_datapoints_arrive_with_plausible_numbers(
+    reporting: Reporting,
+) -> None:
+    line = reporting.coderd.waitForLog(
+        r"agent resources: datapoints=2 memory_used=(?P<mu>\d+) memory_total=(?P<mt>\d+) "
+        r"volume=(?P<path>\S+) used=(?P<vu>\d+) total=(?P<vt>\d+)$"
+    )
+    used, total = int(line["mu"]), int(line["mt"])
+    assert 16 * MiB < used < total
+    with open("/proc/meminfo") as f:
+        host = int(f.readline().split()[1]) * 1024
+    assert total <= host
+    assert line["path"] == str(reporting.work)
+    st = os.statvfs(reporting.work)
+    assert int(line["vt"]) == st.f_blocks * st.f_frsize
+    assert 0 < int(line["vu"]) <= int(line["vt"])
