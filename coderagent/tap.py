@@ -34,6 +34,7 @@ from coderagent.options import Options
 from coderagent.policy import Policy
 from coderagent.reaper import Reaper
 from coderagent.reporting.activity import SSHActivity, connectionsByProto
+from coderagent.reporting.apphealth import AppHealthReporter, httpProbe
 from coderagent.reporting.command import CommandRunner
 from coderagent.reporting.connlog import ConnectionLog
 from coderagent.reporting.metadata import MetadataReporter
@@ -148,6 +149,9 @@ def makeService(
         clock=reactor,
     ).setServiceParent(coderd)
     ResourcesMonitor(coderd, clock=reactor).setServiceParent(coderd)
+    appHealth = AppHealthReporter(coderd, clock=reactor, probe=httpProbe(reactor))
+    appHealth.setServiceParent(coderd)
+    reporter.onManifest(appHealth.manifestReceived)
     status.add(
         "coderd",
         lambda: {

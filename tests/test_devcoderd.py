@@ -256,3 +256,39 @@ def test_the_manifest_file_carries_scripts_apps_and_metadata() -> None:
 def test_a_bad_script_or_app_is_an_error(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ManifestError, match=re.escape(message)):
         Workspace.fromJSON(json.dumps({**IDS, **extra}), "m.json")
+
+
+def test_the_options_default_as_coderd_does() -> None:
+    from coderagent.devcoderd.tap import Options, makeService
+
+    options = Options(environ={})
+    options.parseOptions(["--token=t"])
+    api = makeService(options).api
+    assert api.reportInterval == 30.0
+    config = api.monitoring.config
+    assert (config.collection_interval_seconds, config.num_datapoints) == (10, 20)
+    assert not api.monitoring.HasField("memory") and not api.monitoring.volumes
+    options = Options(environ={})
+    options.parseOptions(
+        [
+            "--token=t",
+            "--report-interval=1s",
+            "--monitor-memory",
+            "--monitor-volume=/",
+            "--monitor-volume=/tmp",
+        ]
+    )
+    api = makeService(options).api
+    assert api.reportInterval == 1.0
+    assert api.monitoring.memory.enabled
+    assert [(v.path, v.enabled) for v in api.monitoring.volumes] == [("/", True), ("/tmp", True)]
+
+
+@pytest.mark.parametrize("value", ["1", "-1s", "0s", "soon"])
+def test_a_report_interval_that_is_not_a_positive_duration_is_refused(value: str) -> None:
+    from twisted.python.usage import UsageError
+
+    from coderagent.devcoderd.tap import Options
+
+    with pytest.raises(UsageError, match="--report-interval"):
+        Options(environ={}).parseOptions([f"--report-interval={value}"])

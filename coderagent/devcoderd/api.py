@@ -94,6 +94,8 @@ class DevAgentAPI:
         self.logs: list[agent_pb2.Log] = []
         #: The latest value of each metadata key, as the agent sent it.
         self.metadata: dict[str, agent_pb2.WorkspaceAgentMetadata.Result] = {}
+        #: Each app's health as the agent last reported it, by app id (16 bytes).
+        self.appHealth: dict[bytes, int] = {}
         #: The latest resources usage pushes, each the agent's window of datapoints.
         self.resourcePushes: deque[agent_pb2.PushResourcesMonitoringUsageRequest] = deque(
             maxlen=KEEP_RESOURCE_PUSHES
@@ -119,6 +121,7 @@ class DevAgentAPI:
             ("BatchUpdateMetadata", self.batchUpdateMetadata),
             ("GetResourcesMonitoringConfiguration", self.getResourcesMonitoringConfiguration),
             ("PushResourcesMonitoringUsage", self.pushResourcesMonitoringUsage),
+            ("BatchUpdateAppHealths", self.batchUpdateAppHealths),
         ):
             self.handlers[RPCS[name].path] = _typed(RPCS[name].request, method, self._handled)
 
@@ -159,6 +162,13 @@ class DevAgentAPI:
             "stats": [_json(s) for s in self.stats],
             "stats_totals": dict(self.statsTotals),
             "metadata": {key: _json(result) for key, result in sorted(self.metadata.items())},
+            "app_health": {
+                str(uuid.UUID(bytes=app.id)): {
+                    "slug": app.slug,
+                    "health": agent_pb2.WorkspaceApp.Health.Name(self._health(app)),
+                }
+                for app in self.workspace.apps
+            },
             "resources": {
                 "configuration": _json(self.monitoring),
                 "pushes": [_json(push) for push in self.resourcePushes],
@@ -168,7 +178,9 @@ class DevAgentAPI:
         }
 
     def getManifest(self, request: agent_pb2.GetManifestRequest) -> Message:
-        return self.workspace.manifest()
+        manifest = self.workspace.manifest()
+        self._appHealthInto(manifest)
+        return manifest
 
     def updateLifecycle(self, request: agent_pb2.UpdateLifecycleRequest) -> Message:
         state = request.lifecycle.state
@@ -261,6 +273,41 @@ class DevAgentAPI:
                 error=goQuote(item.result.error),
             )
         return agent_pb2.BatchUpdateMetadataResponse()
+
+    # -- BatchUpdateAppHealths -------------------------------------------------------
+
+    def batchUpdateAppHealths(self, request: agent_pb2.BatchUpdateAppHealthRequest) -> Message:
+        apps = {app.id: app for app in self.workspace.apps}
+        for update in request.updates:
+            app = apps.get(update.id)
+            if app is None:
+                raise DRPCError(0, "workspace agent app not found")
+            if self._health(app) == agent_pb2.WorkspaceApp.DISABLED:
+                raise DRPCError(0, f"workspace app {app.slug} health reporting is disabled")
+        for update in request.updates:
+            health = update.health
+            self.appHealth[update.id] = health
+            log.info(
+                "agent app health: {slug} {health}",
+                slug=apps[update.id].slug,
+                health=agent_pb2.AppHealth.Name(health),
+            )
+        return agent_pb2.BatchUpdateAppHealthResponse()
+
+    def _health(self, app: agent_pb2.WorkspaceApp) -> int:
+        """An app's health as coderd holds it: reported, else from its manifest entry
+        (coderd starts an app with a health check INITIALIZING, any other DISABLED)."""
+        if app.id in self.appHealth:
+            return self.appHealth[app.id]
+        if app.health != agent_pb2.WorkspaceApp.HEALTH_UNSPECIFIED:
+            return app.health
+        if app.healthcheck.url:
+            return agent_pb2.WorkspaceApp.INITIALIZING
+        return agent_pb2.WorkspaceApp.DISABLED
+
+    def _appHealthInto(self, manifest: agent_pb2.Manifest) -> None:
+        for app in manifest.apps:
+            app.health = self._health(app)
 
     # -- resources monitoring ----------------------------------------------------------
 

@@ -66,14 +66,14 @@ class Options(usage.Options):
         [
             "monitor-interval",
             None,
-            "10",
+            10,
             "Resources monitoring: seconds between datapoints (coderd's default 10).",
             int,
         ],
         [
             "monitor-datapoints",
             None,
-            "20",
+            20,
             "Resources monitoring: datapoints sent at once (coderd's default 20).",
             int,
         ],

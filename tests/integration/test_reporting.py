@@ -8,12 +8,14 @@ state file.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,11 +74,46 @@ MANIFEST = {
 }
 
 
+class HealthCheck(http.server.BaseHTTPRequestHandler):
+    """Answers with the server's current ``status``, counting the answers of each status."""
+
+    server: HealthServer
+
+    def do_GET(self) -> None:
+        status = self.server.status
+        with self.server.lock:
+            self.server.answered[status] = self.server.answered.get(status, 0) + 1
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class HealthServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), HealthCheck)
+        self.status = 200
+        self.answered: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/healthz"
+
+
+THRESHOLD = 2
+
+
 @dataclass
 class Reporting:
     coderd: Coderd
     agent: Agent
     work: Path
+    app: HealthServer
 
     @property
     def state(self) -> Path:
@@ -88,8 +125,12 @@ def reporting(
     clientKeys: ClientKeys, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Reporting]:
     work = tmp_path_factory.mktemp("reporting")
+    app = HealthServer()
+    threading.Thread(target=app.serve_forever, daemon=True).start()
     manifest = work / "manifest.json"
-    manifest.write_text(json.dumps(MANIFEST))
+    healthcheck = {"url": app.url, "interval": "1s", "threshold": THRESHOLD}
+    apps = [{"slug": "web", "healthcheck": healthcheck}]
+    manifest.write_text(json.dumps({**MANIFEST, "apps": apps}))
     extra = [
         "--report-interval=1s",
         f"--state-file={work / 'state.json'}",
@@ -108,7 +149,11 @@ def reporting(
         ]
         with runningAgent(clientKeys, work / "agent", args) as agent:
             coderd.waitForLog("agent lifecycle: READY")
-            yield Reporting(coderd, agent, work)
+            try:
+                yield Reporting(coderd, agent, work, app)
+            finally:
+                app.shutdown()
+                app.server_close()
 
 
 def _sshPopen(agent: Agent, key: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -354,3 +399,24 @@ def test_memory_and_volume_datapoints_arrive_with_plausible_numbers(
     st = os.statvfs(reporting.work)
     assert int(line["vt"]) == st.f_blocks * st.f_frsize
     assert 0 < int(line["vu"]) <= int(line["vt"])
+
+
+# -- app health -------------------------------------------------------------------------
+
+
+def test_an_app_that_stops_answering_well_turns_unhealthy_after_its_threshold(
+    reporting: Reporting,
+) -> None:
+    coderd, app = reporting.coderd, reporting.app
+    index, _ = coderd.waitForLine(r"agent app health: web HEALTHY$")
+    with app.lock:
+        app.status = 503
+    index, _ = coderd.waitForLine(r"agent app health: web UNHEALTHY$", since=index + 1)
+    with app.lock:
+        failures = app.answered.get(503, 0)
+    # Upstream's rule: THRESHOLD failures are counted, the next one turns it (exactly
+    # so in the unit tests); the report goes within a second, while probes go on.
+    assert THRESHOLD + 1 <= failures <= THRESHOLD + 3
+    with app.lock:
+        app.status = 200
+    coderd.waitForLog(r"agent app health: web HEALTHY$", since=index + 1)
