@@ -29,7 +29,7 @@ from coderagent.observe.connections import describeConnections
 from coderagent.observe.logs import LogDestinations, LoggingRoot, RecentLines, StartupReport
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.observe.servers import httpServers
-from coderagent.observe.status import AgentStatus
+from coderagent.observe.status import AgentStatus, serving
 from coderagent.options import Options
 from coderagent.policy import Policy
 from coderagent.reaper import Reaper
@@ -108,7 +108,7 @@ def makeService(
     coderdThenSSH = StopInOrder()
     coderdThenSSH.setServiceParent(top)
     coderd.setServiceParent(coderdThenSSH)
-    ListeningService(
+    sshServer = ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
         factory=factory,
@@ -116,42 +116,18 @@ def makeService(
         required=True,
         drain=factory.shutdown,
         prepare=factory.loadHostKeys,
-    ).setServiceParent(coderdThenSSH)
-    status.add("ssh", lambda: {"connections": len(factory.connections)})
+    )
+    sshServer.setServiceParent(coderdThenSSH)
+    status.add(
+        "ssh", lambda: {"serving": sshServer.listening, "connections": len(factory.connections)}
+    )
+    status.check(serving(sshServer, "SSH"))
     Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
 
     reporter = Reporter(coderd, environ, reactor)
     reporter.onManifest(lambda manifest: context.overrides.update(sessionVariables(manifest)))
     reporter.setServiceParent(coderd)
     _boundary(options, reactor, metrics, context, status, coderd).setServiceParent(coderd)
-    connectionLog.setServiceParent(coderd)
-    stats = StatsReporter(
-        coderd,
-        StatsSources(
-            traffic=factory.traffic.totals,
-            connections=lambda: connectionsByProto(factory.connections),
-            sessions=activity.sessionCounts,
-            registry=metrics.registry,
-        ),
-        clock=reactor,
-    )
-    stats.setServiceParent(coderd)
-    MetadataReporter(
-        coderd,
-        manifest=lambda: reporter.manifest,
-        runner=CommandRunner(
-            reactor=reactor,
-            shell=context.user.shell,
-            home=context.user.home,
-            environment=lambda: _commandEnvironment(context),
-            directory=lambda: _workspaceDirectory(reporter, environ),
-        ),
-        clock=reactor,
-    ).setServiceParent(coderd)
-    ResourcesMonitor(coderd, clock=reactor).setServiceParent(coderd)
-    appHealth = AppHealthReporter(coderd, clock=reactor, probe=httpProbe(reactor))
-    appHealth.setServiceParent(coderd)
-    reporter.onManifest(appHealth.manifestReceived)
     status.add(
         "coderd",
         lambda: {
@@ -160,6 +136,9 @@ def makeService(
             "lifecycle": reporter.reportedState,
             "last_stats_report_seconds_ago": stats.lastReportAge(),
         },
+    )
+    stats = _reporting(
+        coderd, reporter, connectionLog, activity, factory, context, metrics, environ, status
     )
 
     for server in httpServers(
@@ -252,6 +231,62 @@ def _boundary(
         },
     )
     return boundary
+
+
+def _reporting(
+    coderd: CoderdClient,
+    reporter: Reporter,
+    connectionLog: ConnectionLog,
+    activity: SSHActivity,
+    factory: AgentSSHFactory,
+    context: SessionContext,
+    metrics: AgentMetrics,
+    environ: Mapping[str, str],
+    status: AgentStatus,
+) -> StatsReporter:
+    """What the agent reports to coderd besides its lifecycle (``coderagent.reporting``)."""
+    reactor = context.reactor
+    connectionLog.setServiceParent(coderd)
+    stats = StatsReporter(
+        coderd,
+        StatsSources(
+            traffic=factory.traffic.totals,
+            connections=lambda: connectionsByProto(factory.connections),
+            sessions=activity.sessionCounts,
+            registry=metrics.registry,
+        ),
+        clock=reactor,
+    )
+    stats.setServiceParent(coderd)
+    metadata = MetadataReporter(
+        coderd,
+        manifest=lambda: reporter.manifest,
+        runner=CommandRunner(
+            reactor=reactor,
+            shell=context.user.shell,
+            home=context.user.home,
+            environment=lambda: _commandEnvironment(context),
+            directory=lambda: _workspaceDirectory(reporter, environ),
+        ),
+        clock=reactor,
+    )
+    metadata.setServiceParent(coderd)
+    resources = ResourcesMonitor(coderd, clock=reactor)
+    resources.setServiceParent(coderd)
+    appHealth = AppHealthReporter(coderd, clock=reactor, probe=httpProbe(reactor))
+    appHealth.setServiceParent(coderd)
+    reporter.onManifest(appHealth.manifestReceived)
+    status.add(
+        "reporting",
+        lambda: {
+            "stats": stats.status(),
+            "connection_log": connectionLog.status(),
+            "metadata": metadata.status(),
+            "resources": resources.status(),
+            "apps": appHealth.status(),
+        },
+    )
+    return stats
 
 
 def _commandEnvironment(context: SessionContext) -> dict[str, str]:

@@ -65,6 +65,10 @@ class AppHealthReporter(Service):
         self._failing = False
         self._manifest: agent_pb2.Manifest | None = None
 
+    def status(self) -> dict[str, str]:
+        """Each tracked app's health, by slug."""
+        return {self.names.get(app, "?"): Health.Name(h) for app, h in self.health.items()}
+
     def startService(self) -> None:
         super().startService()
         if self._manifest is not None:

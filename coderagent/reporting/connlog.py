@@ -99,6 +99,9 @@ class ConnectionLog(Service):
         self._overflowing = False
         self._empty: Waiters[None] = Waiters()
 
+    def status(self) -> dict[str, Any]:
+        return {"pending": len(self.pending), "sent": self.sent, "dropped": self.dropped}
+
     # -- what the SSH server tells (through SSHActivity) ------------------------------
 
     def sessionStarted(self, sessionType: str, peer: object) -> Callable[[int, str], None]:

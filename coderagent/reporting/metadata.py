@@ -87,6 +87,9 @@ class MetadataReporter(Service):
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
 
+    def status(self) -> dict[str, Any]:
+        return {"running": sorted(self._running), "waiting_for_coderd": sorted(self.updates)}
+
     # -- service --------------------------------------------------------------------
 
     def startService(self) -> None:

@@ -101,6 +101,15 @@ class ResourcesMonitor(Service):
         self._pushing = False
         self._failing = False
 
+    def status(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "memory": bool(config is not None and self._watchMemory(config)),
+            "volumes": self._volumes(config) if config is not None else [],
+            "datapoints": len(self.window),
+            "pushes": self.pushes,
+        }
+
     def startService(self) -> None:
         super().startService()
         self.client.onConnect(self._connected)

@@ -137,6 +137,14 @@ class StatsReporter(Service):
         self._inFlight = False
         self._failing = False
 
+    def status(self) -> dict[str, Any]:
+        return {
+            "interval_seconds": self.interval,
+            "reports": self.reports,
+            "last_report_seconds_ago": self.lastReportAge(),
+            "failing": self._failing,
+        }
+
     def lastReportAge(self) -> float | None:
         """Seconds since coderd last accepted a report (None: never)."""
         if self.lastReported is None:

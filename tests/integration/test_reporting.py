@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -24,10 +25,12 @@ from pathlib import Path
 import pytest
 
 from tests.agentproc import (
+    REPO,
     TIMEOUT,
     Agent,
     ClientKeys,
     Coderd,
+    agentEnvironment,
     runningAgent,
     runningCoderd,
     ssh,
@@ -42,6 +45,7 @@ from tests.integration.test_forwarding import (
     serving,
     sshMaster,
 )
+from tests.integration.test_operability import get, listening
 from tests.integration.test_sftp_scp import _clientOptions
 
 MiB = 1024 * 1024
@@ -146,6 +150,9 @@ def reporting(
             f"--agent-token={TOKEN}",
             "--block-reverse-port-forwarding",
             "--block-file-transfer",
+            "--debug-address=127.0.0.1:0",
+            "--socket-server-enabled",
+            f"--socket-path={work / 'control.sock'}",
         ]
         with runningAgent(clientKeys, work / "agent", args) as agent:
             coderd.waitForLog("agent lifecycle: READY")
@@ -420,3 +427,43 @@ def test_an_app_that_stops_answering_well_turns_unhealthy_after_its_threshold(
     with app.lock:
         app.status = 200
     coderd.waitForLog(r"agent app health: web HEALTHY$", since=index + 1)
+
+
+# -- what the agent says about itself -----------------------------------------------------
+
+
+def test_health_and_status_say_what_coderd_hears(reporting: Reporting) -> None:
+    coderd, agent = reporting.coderd, reporting.agent
+    debug = listening(agent, "debug server")
+    _mark(coderd)  # a stats report has been accepted
+    code, _, text = get(debug + "/health")
+    assert code == 200
+    health = json.loads(text)
+    assert health["status"] == "ok" and "problems" not in health
+    assert health["coderd"]["connected"] is True and health["coderd"]["lifecycle"] == "READY"
+    assert 0 <= health["coderd"]["last_stats_report_seconds_ago"] < 5
+    assert health["ssh"]["serving"] is True
+    reports = health["reporting"]
+    assert reports["stats"]["interval_seconds"] == 1.0 and reports["stats"]["reports"] >= 1
+    assert reports["connection_log"]["dropped"] == 0
+    assert reports["resources"]["memory"] is True
+    assert reports["apps"]["web"] in ("HEALTHY", "UNHEALTHY")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coderagent.control.cli",
+            "status",
+            "--socket",
+            str(reporting.work / "control.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=REPO,
+        env=agentEnvironment(reporting.work),
+    )
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["status"] == "ok" and status["coderd"]["lifecycle"] == "READY"
+    assert status["coderd"]["last_stats_report_seconds_ago"] is not None
