@@ -351,6 +351,12 @@ def test_blocked_local_forward_is_administratively_prohibited(
     assert "blocked" in text and warning.get("log_failure") is None
     assert avatar.refusedCount("local", transport) == 1
     assert avatar.refusedCount("reverse", transport) == 0
+    request = "direct-tcpip" if transport == "tcp" else "direct-streamlocal@openssh.com"
+    reason = f"local port forwarding blocked: {request} {shown}"
+    assert avatar.logged() == [
+        ("CONNECT", "192.0.2.7", 0, ""),
+        ("DISCONNECT", "192.0.2.7", 1, reason),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -371,6 +377,8 @@ def test_blocked_reverse_forward_fails_before_binding(
     [warning] = warnings(logged)
     assert shown in warning["log_format"].format(**warning)
     assert avatar.refusedCount("reverse", transport) == 1
+    reason = f"reverse port forwarding blocked: {kind.decode()} {shown}"
+    assert avatar.logged()[1:] == [("DISCONNECT", "192.0.2.7", 1, reason)]
 
 
 MALFORMED = [
