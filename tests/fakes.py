@@ -16,7 +16,7 @@ from typing import Any
 from twisted.conch.ssh.common import NS
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
 from coderagent.coderd.client import CoderdClient
@@ -172,8 +172,9 @@ class FakeAvatar:
     def __init__(self, policy: Policy, reactor: Any = None) -> None:
         self.metrics = AgentMetrics()
         # The connection log, never started: what it would send waits in ``pending``.
+        clock = MemoryReactorClock()
         self.connectionLog = ConnectionLog(
-            CoderdClient(url="http://coderd.test", token="t", reactor=Clock()), clock=Clock()
+            CoderdClient(url="http://coderd.test", token="t", reactor=clock), clock=clock
         )
         self.context = type(
             "Ctx",
