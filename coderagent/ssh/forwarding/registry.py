@@ -98,7 +98,7 @@ class Forwards:
         )
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
-            metrics.forwardingRefused(direction, transport)
+            metrics.forwardingRefused(direction, transport, decision.rule)
 
     def requireDeferredOpens(self) -> None:
         """Refuse to connect on a connection that would confirm before the connect.
