@@ -170,6 +170,7 @@ def _setFlag(options: KeyOptions, flag: str, value: bool) -> KeyOptions:
         return replace(options, pty=value)
     return replace(options, userRc=value)
 
+
 _NAME = re.compile(r"[A-Za-z0-9-]+")
 
 
@@ -196,7 +197,7 @@ def _nextOption(text: str) -> tuple[str, str | None, str]:
 def _dequote(text: str, name: str) -> tuple[str, str]:
     """``opt_dequote``: a double-quoted value in which ``\\"`` stands for a quote."""
     if not text.startswith('"'):
-        raise KeyOptionError(f'{name}: missing start quote')
+        raise KeyOptionError(f"{name}: missing start quote")
     out = []
     i = 1
     while i < len(text) and text[i] != '"':

@@ -197,7 +197,7 @@ def _ports(value: Any) -> Ports:
         elif isinstance(v, str) and (m := _PORT_RANGE.fullmatch(v)):
             low, high = int(m.group(1)), int(m.group(2) or m.group(1))
         else:
-            raise ValueError(f"ports: {v!r} is not a port, a range like \"8000-8099\" or \"*\"")
+            raise ValueError(f'ports: {v!r} is not a port, a range like "8000-8099" or "*"')
         if not 0 <= low <= high <= 65535:
             raise ValueError(f"ports: {v!r} is out of 0-65535 or backwards")
         ranges.append((low, high))
@@ -205,27 +205,32 @@ def _ports(value: Any) -> Ports:
 
 
 class _RuleLines:
-    """Where tables start in the file, for error messages (tomllib keeps no positions)."""
+    """Where tables and keys start in the file, for error messages (tomllib keeps no
+    positions): found in one pass over the lines."""
+
+    _TABLE = re.compile(r"\[\s*([A-Za-z0-9_.-]+)\s*\]$")
+    _ARRAY = re.compile(r"\[\[\s*([A-Za-z0-9_]+)\s*\.\s*rules\s*\]\]$")
+    _KEY = re.compile(r"([A-Za-z0-9_-]+)\s*=")
 
     def __init__(self, text: str) -> None:
-        self._lines = text.splitlines()
-
-    def _find(self, regex: str, occurrence: int = 0) -> int:
-        pattern = re.compile(regex)
-        seen = 0
-        for number, line in enumerate(self._lines, start=1):
-            if pattern.match(line.strip()):
-                if seen == occurrence:
-                    return number
-                seen += 1
-        return 0
+        self._tables: dict[str, int] = {}
+        self._rules: dict[str, list[int]] = {}
+        self._keys: dict[str, int] = {}
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.strip()
+            if m := self._ARRAY.match(line):
+                self._rules.setdefault(m.group(1), []).append(number)
+            elif m := self._TABLE.match(line):
+                self._tables.setdefault(m.group(1), number)
+            elif m := self._KEY.match(line):
+                self._keys.setdefault(m.group(1), number)
 
     def table(self, name: str) -> int:
-        return self._find(rf"\[\s*{re.escape(name)}\s*\]") or self.key(name)
+        return self._tables.get(name) or self.key(name)
 
     def rule(self, section: str, index: int) -> int:
-        found = self._find(rf"\[\[\s*{re.escape(section)}\s*\.\s*rules\s*\]\]", index)
-        return found or self.table(section)
+        found = self._rules.get(section, [])
+        return found[index] if index < len(found) else self.table(section)
 
     def key(self, name: str) -> int:
-        return self._find(rf"{re.escape(name)}\s*=") or 1
+        return self._keys.get(name, 1)

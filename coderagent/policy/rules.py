@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,9 +49,36 @@ class Ports:
     def __contains__(self, port: int) -> bool:
         return any(low <= port <= high for low, high in self.ranges)
 
+    @property
+    def everything(self) -> bool:
+        return self.ranges == ((0, 65535),)
+
     @classmethod
     def any(cls) -> Ports:
         return cls(((0, 65535),))
+
+
+@dataclass(frozen=True)
+class Address:
+    """A request's address, parsed once per decision (version 0: not an address)."""
+
+    version: int
+    value: int
+
+    @classmethod
+    def of(cls, text: str) -> Address:
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            return cls(0, 0)
+        return cls(addr.version, int(addr))
+
+
+def _asMask(network: Network) -> tuple[int, int, int]:
+    return network.version, int(network.network_address), int(network.netmask)
+
+
+_LOOPBACK_MASKS = tuple(_asMask(n) for n in _LOOPBACK)
 
 
 @dataclass(frozen=True)
@@ -62,20 +90,32 @@ class HostEntry:
     #: ``loopback`` / ``any`` (bind entries only).
     special: str = ""
 
-    def matchesName(self, name: str) -> bool:
-        if self.network is not None or self.special:
-            return False
-        return matchPattern(name.lower(), self.text.lower())
-
-    def matchesAddress(self, address: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if self.special == "loopback":
-            return any(addr.version == n.version and addr in n for n in _LOOPBACK)
+    def __post_init__(self) -> None:
+        # Matching is on every forward: keep it to integer and string operations.
+        masks = _LOOPBACK_MASKS if self.special == "loopback" else ()
         if self.network is not None:
-            return addr.version == self.network.version and addr in self.network
+            masks = (_asMask(self.network),)
+        object.__setattr__(self, "_masks", masks)
+        lowered = self.text.lower()
+        plain = self.network is None and not self.special
+        object.__setattr__(
+            self, "_exact", lowered if plain and not any(c in lowered for c in "*?") else None
+        )
+        object.__setattr__(self, "_glob", lowered if plain and self._exact is None else None)  # type: ignore[attr-defined]
+
+    def matchesName(self, name: str) -> bool:
+        """``name`` lowercased."""
+        exact: str | None = self._exact  # type: ignore[attr-defined]
+        if exact is not None:
+            return name == exact
+        glob: str | None = self._glob  # type: ignore[attr-defined]
+        return glob is not None and matchPattern(name, glob)
+
+    def matchesAddress(self, address: Address) -> bool:
+        masks: tuple[tuple[int, int, int], ...] = self._masks  # type: ignore[attr-defined]
+        for version, network, mask in masks:
+            if address.version == version and address.value & mask == network:
+                return True
         return False
 
 
@@ -99,22 +139,19 @@ class Rule:
         """How refusals name the rule (log lines, the metric's ``rule`` label)."""
         return self.name or f"{self.section}[{self.index}]"
 
-    def matchesTCP(self, name: str, address: str, port: int) -> bool:
-        if port not in self.ports:
-            return False
+    def matchesTCP(self, name: str, address: Address) -> bool:
+        """The port is already known to match (see :meth:`Section.candidates`)."""
         return any(h.matchesName(name) or h.matchesAddress(address) for h in self.hosts)
 
-    def matchesBind(self, bind: str, port: int) -> bool:
-        if port not in self.ports:
-            return False
+    def matchesBind(self, bind: str, address: Address) -> bool:
         for h in self.hosts:
             if h.special == "any":
                 if bind in ANY_ADDRESSES:
                     return True
             elif h.special == "loopback":
-                if bind.lower() == "localhost" or h.matchesAddress(bind):
+                if bind == "localhost" or h.matchesAddress(address):
                     return True
-            elif h.matchesName(bind) or h.matchesAddress(bind):
+            elif h.matchesName(bind) or h.matchesAddress(address):
                 return True
         return False
 
@@ -137,6 +174,33 @@ class Section:
     def defaultLabel(self) -> str:
         return f"{self.name} default"
 
+    def firstPathRule(self, path: str) -> Rule | None:
+        """The first rule with a glob that matches ``path`` (one compiled expression)."""
+        compiled = self.__dict__.get("_paths")
+        if compiled is None:
+            alternatives = [
+                f"(?P<r{i}_{j}>{fnmatch.translate(pattern)})"
+                for i, rule in enumerate(self.rules)
+                for j, pattern in enumerate(rule.paths)
+            ]
+            compiled = re.compile("|".join(alternatives)) if alternatives else None
+            self.__dict__["_paths"] = compiled
+        m = compiled.match(path) if compiled is not None else None
+        if m is None or m.lastgroup is None:
+            return None
+        return self.rules[int(m.lastgroup[1:].split("_")[0])]
+
+    def candidates(self, port: int) -> tuple[Rule, ...]:
+        """The rules whose ports include ``port``, in order (cached per port)."""
+        cache: dict[int, tuple[Rule, ...]] = self.__dict__.setdefault("_byPort", {})
+        found = cache.get(port)
+        if found is None:
+            found = tuple(r for r in self.rules if port in r.ports)
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[port] = found
+        return found
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -156,16 +220,20 @@ def decide(section: Section, rule: Rule | None) -> Verdict:
 
 
 def firstTCP(section: Section, name: str, address: str, port: int) -> Verdict:
-    rules = section.rules
-    return decide(section, next((r for r in rules if r.matchesTCP(name, address, port)), None))
+    """``name`` as the client wrote it, ``address`` one it resolves to."""
+    lowered, parsed = name.lower(), Address.of(address)
+    rules = section.candidates(port)
+    return decide(section, next((r for r in rules if r.matchesTCP(lowered, parsed)), None))
 
 
 def firstBind(section: Section, bind: str, port: int) -> Verdict:
-    return decide(section, next((r for r in section.rules if r.matchesBind(bind, port)), None))
+    lowered, parsed = bind.lower(), Address.of(bind)
+    rules = section.candidates(port)
+    return decide(section, next((r for r in rules if r.matchesBind(lowered, parsed)), None))
 
 
 def firstPath(section: Section, path: str) -> Verdict:
-    return decide(section, next((r for r in section.rules if r.matchesPath(path)), None))
+    return decide(section, section.firstPathRule(path))
 
 
 def firstKind(section: Section, kind: str) -> Verdict:
