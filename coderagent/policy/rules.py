@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -98,10 +97,9 @@ class HostEntry:
         object.__setattr__(self, "_masks", masks)
         lowered = self.text.lower()
         plain = self.network is None and not self.special
-        object.__setattr__(
-            self, "_exact", lowered if plain and not any(c in lowered for c in "*?") else None
-        )
-        object.__setattr__(self, "_glob", lowered if plain and self._exact is None else None)  # type: ignore[attr-defined]
+        wild = any(c in lowered for c in "*?")
+        object.__setattr__(self, "_exact", lowered if plain and not wild else None)
+        object.__setattr__(self, "_glob", lowered if plain and wild else None)
 
     def matchesName(self, name: str) -> bool:
         """``name`` lowercased."""
@@ -174,22 +172,6 @@ class Section:
     def defaultLabel(self) -> str:
         return f"{self.name} default"
 
-    def firstPathRule(self, path: str) -> Rule | None:
-        """The first rule with a glob that matches ``path`` (one compiled expression)."""
-        compiled = self.__dict__.get("_paths")
-        if compiled is None:
-            alternatives = [
-                f"(?P<r{i}_{j}>{fnmatch.translate(pattern)})"
-                for i, rule in enumerate(self.rules)
-                for j, pattern in enumerate(rule.paths)
-            ]
-            compiled = re.compile("|".join(alternatives)) if alternatives else None
-            self.__dict__["_paths"] = compiled
-        m = compiled.match(path) if compiled is not None else None
-        if m is None or m.lastgroup is None:
-            return None
-        return self.rules[int(m.lastgroup[1:].split("_")[0])]
-
     def candidates(self, port: int) -> tuple[Rule, ...]:
         """The rules whose ports include ``port``, in order (cached per port)."""
         cache: dict[int, tuple[Rule, ...]] = self.__dict__.setdefault("_byPort", {})
@@ -233,7 +215,7 @@ def firstBind(section: Section, bind: str, port: int) -> Verdict:
 
 
 def firstPath(section: Section, path: str) -> Verdict:
-    return decide(section, section.firstPathRule(path))
+    return decide(section, next((r for r in section.rules if r.matchesPath(path)), None))
 
 
 def firstKind(section: Section, kind: str) -> Verdict:
