@@ -74,7 +74,7 @@ def sessionKey(sessionId: str, processName: str) -> bytes:
 class Record:
     """One batch as the socket received it, and what it counts for in the bound."""
 
-    __slots__ = ("seq", "logs", "key", "payload", "size")
+    __slots__ = ("key", "logs", "payload", "seq", "size")
 
     def __init__(self, seq: int, logs: int, key: bytes, payload: bytes) -> None:
         self.seq = seq
