@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.conch.ssh.transport import SSHTransportBase
+from twisted.conch.ssh.transport import SSHServerTransport, SSHTransportBase
 from twisted.internet import tcp, unix
 from twisted.python.failure import Failure
 
@@ -50,6 +50,41 @@ def holdForKeyExchange(
         return False
     transport._blockedByKeyExchange.append((messageType, b"".join(parts)))
     return True
+
+
+def answerKexInit(transport: SSHTransportBase) -> None:
+    """Enter the key exchange the peer's KEXINIT (just negotiated) starts.
+
+    What the end of Conch's ``ssh_KEXINIT`` does, for a transport that reads
+    the KEXINIT itself: if this side has sent its own KEXINIT already (the
+    first exchange, where both send at once) the exchange is now under way;
+    otherwise the peer started a re-key and ours goes out now, through
+    ``sendKexInit``.
+    """
+    if transport._keyExchangeState == transport._KEY_EXCHANGE_REQUESTED:
+        transport._keyExchangeState = transport._KEY_EXCHANGE_PROGRESSING
+    else:
+        transport.sendKexInit()
+
+
+def setPeerSupportsExtensions(transport: SSHTransportBase, supported: bool) -> None:
+    """Record whether the peer's KEXINIT said ``ext-info-c`` (RFC 8308).
+
+    Conch's ``sendExtInfo`` (which the server transport calls after its
+    first NEWKEYS, to send ``server-sig-algs``) sends only when this is set.
+    """
+    transport._peerSupportsExtensions = supported
+
+
+def skipNextKexPacket(transport: SSHServerTransport) -> None:
+    """Drop the client's next key exchange packet: its guess was wrong.
+
+    RFC 4253 section 7: a KEXINIT with ``first_kex_packet_follows`` whose
+    preferred method or host key type is not the one agreed is followed by a
+    key exchange packet for the wrong method, which must be ignored.
+    Conch's server key exchange handlers drop one packet while this is set.
+    """
+    transport.ignoreNextPacket = True
 
 
 # -- strports ------------------------------------------------------------------
