@@ -43,6 +43,8 @@ from coderagent.compat import (
     setPeerSupportsExtensions,
     skipNextKexPacket,
 )
+from coderagent.deferreds import cancelCall
+from coderagent.netaddr import describePeer
 from coderagent.ssh.auth import AgentUserAuthServer
 from coderagent.ssh.ciphers import (
     OFFERED_CIPHERS,
@@ -192,10 +194,7 @@ class AgentServerTransport(transport.SSHServerTransport):
 
     def describePeer(self) -> str:
         """The client's ``host:port``, for log lines (``?`` once disconnected)."""
-        if self.transport is None:
-            return "?"
-        peer = self.transport.getPeer()
-        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        return describePeer(self.transport)
 
     def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
         # Conch builds a fresh ssh-userauth service for every request, and
@@ -503,8 +502,7 @@ class AgentServerTransport(transport.SSHServerTransport):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.factory.connectionEnded(self)
-        for timer in (self._graceTimer, self._deadline):
-            if timer is not None and timer.active():
-                timer.cancel()
+        cancelCall(self._graceTimer)
+        cancelCall(self._deadline)
         self._graceTimer = self._deadline = None
         super().connectionLost(reason)
