@@ -40,6 +40,7 @@ from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
 from coderagent.ssh.session import SessionContext
 from coderagent.ssh.sftp import AgentSFTPServer
 from coderagent.startup import Preflight
+from coderagent.unixsocket import ServedSockets
 
 __all__ = ["Options", "makeService"]
 
@@ -79,10 +80,12 @@ def makeService(
     StartupReport(_ignored(options)).setServiceParent(top)
     GracefulSignals(reactor).setServiceParent(top)
 
+    #: Every Unix socket path the agent serves: SSH forwards may not take them.
+    served = ServedSockets()
     token = credentials.token or preflight.load(credentials.readToken, CredentialsError)
     hostKeyDir = options["ssh-host-key-dir"]
     hostKeys = preflight.load(lambda: loadHostKeys(hostKeyDir), HostKeyError)
-    context, factory = _ssh(options, reactor, environ, metrics, hostKeys)
+    context, factory = _ssh(options, reactor, environ, metrics, hostKeys, served)
     ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
@@ -106,7 +109,7 @@ def makeService(
     reporter = Reporter(coderd, environ, reactor)
     reporter.onManifest(lambda manifest: context.overrides.update(sessionVariables(manifest)))
     reporter.setServiceParent(coderd)
-    _boundary(options, reactor, metrics, context, status, coderd).setServiceParent(coderd)
+    _boundary(options, reactor, metrics, context, status, coderd, served).setServiceParent(coderd)
     coderd.setServiceParent(top)
     status.add(
         "coderd",
@@ -130,7 +133,9 @@ def makeService(
     ):
         server.setServiceParent(top)
     if options["socket-server-enabled"]:
-        controlSocket(options["socket-path"], reactor, status).setServiceParent(top)
+        controlSocket(options["socket-path"], reactor, status, served=served).setServiceParent(
+            top
+        )
     return top
 
 
@@ -140,6 +145,7 @@ def _ssh(
     environ: dict[str, str],
     metrics: AgentMetrics,
     hostKeys: Callable[[], Mapping[bytes, Any]],
+    served: ServedSockets,
 ) -> tuple[SessionContext, AgentSSHFactory]:
     """The SSH server: what its sessions see, and the factory (host keys load on start)."""
     policy = Policy(
@@ -154,6 +160,7 @@ def _ssh(
         agentEnvironment=environ,
         sftpServer=AgentSFTPServer,
         metrics=metrics,
+        servedSockets=served,
     )
     factory = AgentSSHFactory(
         config=SSHConfig(
@@ -176,6 +183,7 @@ def _boundary(
     context: SessionContext,
     status: AgentStatus,
     coderd: CoderdClient,
+    served: ServedSockets,
 ) -> BoundaryService:
     """The spool, the socket that fills it and the forwarder that empties it."""
     spool = Spool(
@@ -192,6 +200,7 @@ def _boundary(
         metrics=metrics,
         reactor=reactor,
         socketPath=socketPath,
+        served=served,
         announce=lambda path: context.overrides.update(CODER_BOUNDARY_LOG_SOCKET=path),
     )
     status.add(

@@ -23,6 +23,7 @@ from coderagent.policy import Policy
 from coderagent.ssh.forwarding import installForwarding
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
 from coderagent.ssh.interfaces import IChannelWindows
+from coderagent.unixsocket import ServedSockets
 
 # -- packets -------------------------------------------------------------------
 
@@ -166,8 +167,16 @@ class FakeAvatar:
 
     def __init__(self, policy: Policy, reactor: Any = None) -> None:
         self.metrics = AgentMetrics()
+        self.servedSockets = ServedSockets()
         self.context = type(
-            "Ctx", (), {"policy": policy, "reactor": reactor, "metrics": self.metrics}
+            "Ctx",
+            (),
+            {
+                "policy": policy,
+                "reactor": reactor,
+                "metrics": self.metrics,
+                "servedSockets": self.servedSockets,
+            },
         )()
         self.channelLookup: dict[bytes, Any] = {}
         self.globalRequests: dict[bytes, Any] = {}

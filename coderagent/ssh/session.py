@@ -43,6 +43,7 @@ from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
 from coderagent.ssh.interfaces import IWindowedChannel
 from coderagent.ssh.spawn import PtyRequest, resizeTerminal, spawnSession
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from coderagent.unixsocket import ServedSockets
 
 log = Logger()
 
@@ -89,6 +90,8 @@ class SessionContext:
     overrides: dict[str, str] = field(default_factory=dict)
     sftpServer: Callable[[str], ISFTPServer] | None = None
     metrics: AgentMetrics | None = None
+    #: The agent's own socket paths, which forwards may not take.
+    servedSockets: ServedSockets = field(default_factory=ServedSockets)
 
 
 class _SessionProcessProtocol(ProcessProtocol):

@@ -26,6 +26,7 @@ from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 
 if TYPE_CHECKING:
     from coderagent.policy import Decision, Policy
+    from coderagent.unixsocket import ServedSockets
 
 log = Logger()
 
@@ -59,6 +60,12 @@ class Forwards:
     def policy(self) -> Policy:
         policy: Policy = self.context.policy
         return policy
+
+    @property
+    def servedSockets(self) -> ServedSockets:
+        """The agent's own socket paths: no forward may take one."""
+        served: ServedSockets = self.context.servedSockets
+        return served
 
     @property
     def reactor(self) -> Any:
