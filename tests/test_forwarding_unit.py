@@ -383,6 +383,7 @@ MALFORMED = [
     NS(b"host") + u32(70000),  # port out of range
     NS(b"\xff\xfe") + u32(22),  # host not UTF-8
     NS(b"host") + u32(22) + b"trailing",
+    NS(b"127.0.0.1\0x") + u32(0),  # NUL in the host: no bind or resolver takes it
 ]
 
 

@@ -53,3 +53,12 @@ def test_payload_rejects_trailing_bytes_bad_ports_paths_and_text() -> None:
     with pytest.raises(MalformedPayload, match="UTF-8"):
         Payload(NS(b"\xff\xfe")).text()
     assert Payload(NS(b"/tmp/\xff.sock")).path() == os.fsdecode(b"/tmp/\xff.sock")
+
+
+def test_a_host_is_utf8_without_nul() -> None:
+    assert Payload(NS(b"example.com")).host() == "example.com"
+    assert Payload(NS(b"")).host() == ""  # "all interfaces" for tcpip-forward
+    with pytest.raises(MalformedPayload, match="NUL"):
+        Payload(NS(b"127.0.0.1\0x")).host()
+    with pytest.raises(MalformedPayload, match="UTF-8"):
+        Payload(NS(b"\xff")).host()

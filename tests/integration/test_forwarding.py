@@ -664,6 +664,8 @@ def test_malformed_channel_opens_are_refused_and_the_connection_lives(
         *(("tcpip-forward", p) for p in TRUNCATED),
         ("tcpip-forward", ns(b"127.0.0.1") + u32(70000)),
         ("tcpip-forward", ns(b"127.0.0.1") + u32(0) + b"junk"),
+        ("tcpip-forward", ns(b"127.0.0.1\0x") + u32(0)),  # dropped the connection
+        ("cancel-tcpip-forward", ns(b"127.0.0.1\0x") + u32(0)),
         *(("cancel-tcpip-forward", p) for p in TRUNCATED),
         *(("streamlocal-forward@openssh.com", p) for p in TRUNCATED[:3]),
         ("streamlocal-forward@openssh.com", ns(b"/tmp/a\0b")),

@@ -106,7 +106,7 @@ class TCPForwarding:
         f.checkLocal("tcp", target, f"direct-tcpip to {target}")
         try:
             payload = Payload(data)
-            host = payload.text()
+            host = payload.host()
             port = payload.port()
             payload.string()  # originator address
             payload.uint32()  # originator port
@@ -177,7 +177,7 @@ def _bindRequest(f: Forwards, data: bytes, request: str) -> tuple[str, int] | No
     """The address and port of a ``tcpip-forward`` or its cancel (``None``: malformed)."""
     try:
         payload = Payload(data)
-        address = payload.text()
+        address = payload.host()
         port = payload.port()
         payload.end()
     except MalformedPayload as e:
