@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.conch.error import ConchError
 from twisted.conch.interfaces import ISFTPServer
-from twisted.conch.ssh import channel, common, connection, session
+from twisted.conch.ssh import channel, common, connection
 from twisted.conch.ssh.filetransfer import FileTransferServer
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IAddress, IPushProducer, ITransport
@@ -41,7 +41,18 @@ from coderagent.policy import (
 )
 from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
 from coderagent.ssh.interfaces import IWindowedChannel
-from coderagent.ssh.spawn import PtyRequest, resizeTerminal, spawnSession
+from coderagent.ssh.requests import (
+    MalformedPayload,
+    PtyRequest,
+    parseEnv,
+    parseExec,
+    parsePtyReq,
+    parseShell,
+    parseSignal,
+    parseSubsystem,
+    parseWindowChange,
+)
+from coderagent.ssh.spawn import resizeTerminal, spawnSession
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 from coderagent.unixsocket import ServedSockets
 
@@ -171,11 +182,12 @@ class SessionChannel(channel.SSHChannel):
             return 0
         try:
             return handler(self, data)
-        except (struct.error, ValueError, IndexError) as e:
+        except MalformedPayload as e:
             log.warn(
-                "malformed {request} request on session channel: {error}",
+                "malformed {request} request on session channel from {peer} refused: {error}",
                 request=requestType.decode("ascii", "replace"),
-                error=repr(e),
+                peer=self._peerText(),
+                error=str(e),
             )
             return 0
         except Exception:
@@ -188,8 +200,7 @@ class SessionChannel(channel.SSHChannel):
             return 0
 
     def _requestEnv(self, data: bytes) -> int:
-        name, rest = common.getNS(data)
-        value, _ = common.getNS(rest)
+        name, value = parseEnv(data)
         if self._started or len(self.clientEnvironment) >= MAX_ENV_REQUESTS:
             return 0
         key = os.fsdecode(name)
@@ -203,14 +214,14 @@ class SessionChannel(channel.SSHChannel):
         return 1
 
     def _requestPty(self, data: bytes) -> int:
+        pty = parsePtyReq(data)
         if self._started:
             return 0
-        term, winSize, modes = session.parseRequest_pty_req(data)
-        self.pty = PtyRequest(os.fsdecode(term), winSize, modes)
+        self.pty = pty
         return 1
 
     def _requestWindowChange(self, data: bytes) -> int:
-        rows, cols, xpx, ypx = session.parseRequest_window_change(data)
+        rows, cols, xpx, ypx = parseWindowChange(data)
         if self.pty is None:
             return 0
         self.pty.winSize = (rows, cols, xpx, ypx)
@@ -223,14 +234,14 @@ class SessionChannel(channel.SSHChannel):
         return 1
 
     def _requestShell(self, data: bytes) -> int:
+        parseShell(data)
         return self._start(None)
 
     def _requestExec(self, data: bytes) -> int:
-        command, _ = common.getNS(data)
-        return self._start(os.fsdecode(command))
+        return self._start(parseExec(data))
 
     def _requestSubsystem(self, data: bytes) -> int:
-        name = os.fsdecode(common.getNS(data)[0])
+        name = parseSubsystem(data)
         if self._started or name != "sftp" or self.context.sftpServer is None:
             return 0
         self._started = True
@@ -255,7 +266,7 @@ class SessionChannel(channel.SSHChannel):
         return 1
 
     def _requestSignal(self, data: bytes) -> int:
-        name = os.fsdecode(common.getNS(data)[0])
+        name = parseSignal(data)
         sig = SIGNALS.get(name, signal.SIGKILL)
         if self.process is None or self._ended:
             return 0
