@@ -22,6 +22,7 @@ from coderagent.coderd.client import CoderdClient
 from coderagent.coderd.credentials import CredentialsError, checkCredentials
 from coderagent.coderd.lifecycle import Reporter, sessionVariables
 from coderagent.control.server import controlSocket
+from coderagent.descriptors import DescriptorReserve, OpenFileLimit
 from coderagent.listening import ListeningService
 from coderagent.observe.connections import describeConnections
 from coderagent.observe.logs import LogDestinations, LoggingRoot, RecentLines, StartupReport
@@ -37,6 +38,7 @@ from coderagent.ssh.avatar import AgentRealm
 from coderagent.ssh.environment import UserInfo
 from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
+from coderagent.ssh.limits import SSHLimits
 from coderagent.ssh.session import SessionContext
 from coderagent.ssh.sftp import AgentSFTPServer
 from coderagent.startup import Preflight
@@ -76,6 +78,7 @@ def makeService(
     top = LoggingRoot(lambda: destinations.open(recent))
     preflight = Preflight()
     preflight.setServiceParent(top)
+    OpenFileLimit().setServiceParent(top)
     status = AgentStatus(clock=reactor.seconds)
     StartupReport(_ignored(options)).setServiceParent(top)
     GracefulSignals(reactor).setServiceParent(top)
@@ -161,6 +164,13 @@ def _ssh(
         sftpServer=AgentSFTPServer,
         metrics=metrics,
         servedSockets=served,
+        limits=SSHLimits(
+            maxSessions=options["ssh-max-sessions"],
+            maxChannels=options["ssh-max-channels"],
+            maxReverseForwards=options["ssh-max-reverse-forwards"],
+            maxEnvBytes=options["ssh-max-env-bytes"],
+        ),
+        descriptors=DescriptorReserve(),
     )
     factory = AgentSSHFactory(
         config=SSHConfig(

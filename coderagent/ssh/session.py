@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from coderagent.descriptors import DescriptorReserve
 from coderagent.netaddr import describePeer
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.policy import (
@@ -41,6 +42,7 @@ from coderagent.policy import (
 )
 from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
 from coderagent.ssh.interfaces import IWindowedChannel
+from coderagent.ssh.limits import ConnectionLimits, SSHLimits
 from coderagent.ssh.requests import (
     MalformedPayload,
     PtyRequest,
@@ -81,7 +83,8 @@ SIGNALS: Mapping[str, signal.Signals] = {
 #: Exit status for an internal failure to start the command (upstream's MagicSessionErrorCode).
 SESSION_ERROR_EXIT_STATUS = 229
 
-#: Bound on ``env`` requests per channel: a peer controls this memory.
+#: Bound on ``env`` requests per channel: a peer controls this memory (their
+#: total size is bounded too, by the connection's limits).
 MAX_ENV_REQUESTS = 1024
 
 
@@ -103,6 +106,10 @@ class SessionContext:
     metrics: AgentMetrics | None = None
     #: The agent's own socket paths, which forwards may not take.
     servedSockets: ServedSockets = field(default_factory=ServedSockets)
+    #: What each connection may hold (see coderagent.ssh.limits).
+    limits: SSHLimits = field(default_factory=SSHLimits)
+    #: The descriptors forwarding must leave free (None: not enforced).
+    descriptors: DescriptorReserve | None = None
 
 
 class _SessionProcessProtocol(ProcessProtocol):
@@ -154,12 +161,18 @@ class SessionChannel(channel.SSHChannel):
     #: The AgentConnection this channel lives on (Conch types it loosely).
     conn: Any
 
-    def __init__(self, context: SessionContext, **kw: Any) -> None:
+    def __init__(
+        self, context: SessionContext, limits: ConnectionLimits | None = None, **kw: Any
+    ) -> None:
+        """``limits`` are the connection's (default: a connection of its own)."""
         kw.setdefault("localWindow", CHANNEL_WINDOW)
         kw.setdefault("localMaxPacket", CHANNEL_MAX_PACKET)
         super().__init__(**kw)
         self.context = context
+        self.limits = limits if limits is not None else ConnectionLimits(context.limits)
         self.clientEnvironment: list[tuple[str, str]] = []
+        #: Bytes of the env requests accepted so far (names and values).
+        self.environmentBytes = 0
         self.sessionType = "ssh"
         self.pty: PtyRequest | None = None
         self.process: Any = None
@@ -206,6 +219,10 @@ class SessionChannel(channel.SSHChannel):
         key = os.fsdecode(name)
         if not key or "=" in key or "\0" in key:
             return 0
+        size = len(name) + len(value)
+        if self.limits.env(used=self.environmentBytes, adding=size) is not None:
+            return 0
+        self.environmentBytes += size
         text = os.fsdecode(value)
         if key == "CODER_SSH_SESSION_TYPE":
             self.sessionType = text.lower() or "ssh"

@@ -175,6 +175,8 @@ class StreamLocalForwarding:
         key = ("unix", path, 0)
         if key in f.listeners:
             return 1  # as OpenSSH: a repeat on the same connection is not an error
+        if not f.admitsReverseForward():
+            return 0
         refusal = _refusal(f, path)
         if refusal is not None:
             log.warn(

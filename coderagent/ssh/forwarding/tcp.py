@@ -141,6 +141,8 @@ class TCPForwarding:
         bound = _bindRequest(f, data, "tcpip-forward")
         if bound is None:
             return 0
+        if not f.admitsReverseForward():
+            return 0
         address, port = bound
         factory = ForwardedFactory(f, _AcceptedTCP, address)
         try:
