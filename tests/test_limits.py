@@ -34,6 +34,7 @@ from coderagent.ssh.forwarding.sockets import ForwardedFactory
 from coderagent.ssh.limits import (
     MAX_CHANNELS,
     MAX_ENV_BYTES,
+    MAX_ENV_VARIABLE,
     MAX_REVERSE_FORWARDS,
     MAX_SESSIONS,
     ConnectionLimits,
@@ -112,6 +113,23 @@ def test_reverse_forwards_and_env(logged: list[dict[str, Any]]) -> None:
     assert len(warningsText(logged)) == 2
     assert refusedCount(metrics, "reverse_forwards") == 1
     assert refusedCount(metrics, "env_bytes") == 2
+
+
+def test_one_env_variable_must_fit_execve(logged: list[dict[str, Any]]) -> None:
+    """A longer NAME=value would make the session's process fail to start (E2BIG)."""
+    metrics = AgentMetrics()
+    limits = limitsFor(metrics, maxEnvBytes=1 << 20)
+    assert MAX_ENV_VARIABLE == 131071
+    assert limits.env(used=0, adding=MAX_ENV_VARIABLE - 1) is None  # with "=": 131071
+    for _ in range(3):
+        assert limits.env(used=0, adding=MAX_ENV_VARIABLE) == (
+            "too much environment for this session"
+        )
+    assert warningsText(logged) == [
+        "192.0.2.7:50000 reached its limit of 131071 bytes in one env variable (execve's); "
+        "refusing more (logged once per connection)"
+    ]
+    assert refusedCount(metrics, "env_bytes") == 3
 
 
 def test_each_connection_logs_its_own_refusals(logged: list[dict[str, Any]]) -> None:

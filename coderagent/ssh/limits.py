@@ -59,6 +59,10 @@ MAX_REVERSE_FORWARDS = 256
 #: 1024 values of 200 KB cost the agent 200 MiB.
 MAX_ENV_BYTES = 256 * 1024
 
+#: The longest ``NAME=value`` execve takes (Linux's MAX_ARG_STRLEN, 32 pages, with
+#: its NUL): a session with a longer variable could not start at all.
+MAX_ENV_VARIABLE = 32 * 4096 - 1
+
 #: The reason a refusal gives the client (OpenSSH prints a channel open's after
 #: "open failed: resource shortage:").
 _REFUSALS = {
@@ -109,7 +113,7 @@ class ConnectionLimits:
         self.metrics = metrics
         self.descriptors = descriptors
         #: The limits this connection has been told about in the log already.
-        self._logged: set[str] = set()
+        self._logged: set[tuple[str, str]] = set()
 
     def session(self, *, channels: int, sessions: int) -> str | None:
         """Another session channel, with ``channels`` open, ``sessions`` of them sessions.
@@ -138,21 +142,25 @@ class ConnectionLimits:
         return self._reserve()
 
     def env(self, *, used: int, adding: int) -> str | None:
-        """``adding`` more bytes of ``env`` in a session that holds ``used``."""
+        """One more ``env`` of ``adding`` bytes (name and value), ``used`` taken so far."""
+        if adding + 1 > MAX_ENV_VARIABLE:  # with the "="
+            return self._refuse(
+                "env_bytes", MAX_ENV_VARIABLE, "bytes in one env variable", "execve's"
+            )
         if used + adding > self.limits.maxEnvBytes:
             return self._refuse("env_bytes", self.limits.maxEnvBytes, "bytes of env in a session")
         return None
 
-    def _refuse(self, limit: str, cap: int, what: str) -> str:
-        if limit not in self._logged:
-            self._logged.add(limit)
+    def _refuse(self, limit: str, cap: int, what: str, option: str = "") -> str:
+        if (limit, what) not in self._logged:
+            self._logged.add((limit, what))
             log.warn(
                 "{peer} reached its limit of {cap} {what} ({option}); refusing more "
                 "(logged once per connection)",
                 peer=self.peer(),
                 cap=cap,
                 what=what,
-                option=_OPTIONS[limit],
+                option=option or _OPTIONS[limit],
                 limit=limit,
             )
         self._count(limit)
@@ -161,8 +169,8 @@ class ConnectionLimits:
     def _reserve(self) -> str | None:
         if self.descriptors is None or self.descriptors.allows():
             return None
-        if "descriptors" not in self._logged:
-            self._logged.add("descriptors")
+        if ("descriptors", "") not in self._logged:
+            self._logged.add(("descriptors", ""))
             log.warn(
                 "{peer}: only {free} file descriptors are left and {reserve} are kept for "
                 "logins, sessions and coderd; refusing new forwards and forwarded connections "
