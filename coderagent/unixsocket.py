@@ -174,9 +174,6 @@ class ServedSockets:
                 return what
         return None
 
-    def __len__(self) -> int:
-        return len(self._paths)
-
 
 def _sameFile(a: str, b: str) -> bool:
     try:

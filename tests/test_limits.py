@@ -107,12 +107,24 @@ def test_reverse_forwards_and_env(logged: list[dict[str, Any]]) -> None:
     limits = limitsFor(metrics, maxReverseForwards=2, maxEnvBytes=100)
     assert limits.reverseForward(listeners=1) is None
     assert limits.reverseForward(listeners=2) == "too many reverse forwards on this connection"
-    assert limits.env(used=60, adding=40) is None  # exactly the cap
-    assert limits.env(used=60, adding=41) == "too much environment for this session"
-    assert limits.env(used=0, adding=101) is not None
+    assert limits.env(variables=0, used=60, adding=40) is None  # exactly the cap
+    assert limits.env(variables=0, used=60, adding=41) == "too much environment for this session"
+    assert limits.env(variables=0, used=0, adding=101) is not None
     assert len(warningsText(logged)) == 2
     assert refusedCount(metrics, "reverse_forwards") == 1
     assert refusedCount(metrics, "env_bytes") == 2
+
+
+def test_env_variables_are_counted_too(logged: list[dict[str, Any]]) -> None:
+    metrics = AgentMetrics()
+    limits = limitsFor(metrics)
+    assert limits.env(variables=1023, used=0, adding=1) is None
+    assert limits.env(variables=1024, used=0, adding=1) == "too much environment for this session"
+    assert warningsText(logged) == [
+        "192.0.2.7:50000 reached its limit of 1024 env variables in a session (fixed); "
+        "refusing more (logged once per connection)"
+    ]
+    assert refusedCount(metrics, "env_bytes") == 1
 
 
 def test_one_env_variable_must_fit_execve(logged: list[dict[str, Any]]) -> None:
@@ -120,9 +132,9 @@ def test_one_env_variable_must_fit_execve(logged: list[dict[str, Any]]) -> None:
     metrics = AgentMetrics()
     limits = limitsFor(metrics, maxEnvBytes=1 << 20)
     assert MAX_ENV_VARIABLE == 131071
-    assert limits.env(used=0, adding=MAX_ENV_VARIABLE - 1) is None  # with "=": 131071
+    assert limits.env(variables=0, used=0, adding=MAX_ENV_VARIABLE - 1) is None  # with "=": 131071
     for _ in range(3):
-        assert limits.env(used=0, adding=MAX_ENV_VARIABLE) == (
+        assert limits.env(variables=0, used=0, adding=MAX_ENV_VARIABLE) == (
             "too much environment for this session"
         )
     assert warningsText(logged) == [

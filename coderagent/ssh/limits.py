@@ -21,6 +21,8 @@ limit                  default                     option
 ``channels``           1024 open channels          ``--ssh-max-channels``
 ``reverse_forwards``   256 listeners (TCP + Unix)  ``--ssh-max-reverse-forwards``
 ``env_bytes``          256 KiB of ``env`` values   ``--ssh-max-env-bytes``
+                       (1024 variables, each
+                       at most 128 KiB)
 ``descriptors``        the process's reserve       (:mod:`coderagent.descriptors`)
 =====================  ==========================  ===========================
 """
@@ -59,6 +61,8 @@ MAX_REVERSE_FORWARDS = 256
 #: 1024 values of 200 KB cost the agent 200 MiB.
 MAX_ENV_BYTES = 256 * 1024
 
+#: ``env`` requests one session keeps (the count was bounded before the size was).
+MAX_ENV_VARIABLES = 1024
 #: The longest ``NAME=value`` execve takes (Linux's MAX_ARG_STRLEN, 32 pages, with
 #: its NUL): a session with a longer variable could not start at all.
 MAX_ENV_VARIABLE = 32 * 4096 - 1
@@ -141,8 +145,13 @@ class ConnectionLimits:
             )
         return self._reserve()
 
-    def env(self, *, used: int, adding: int) -> str | None:
-        """One more ``env`` of ``adding`` bytes (name and value), ``used`` taken so far."""
+    def env(self, *, variables: int, used: int, adding: int) -> str | None:
+        """One more ``env`` of ``adding`` bytes (name and value), in a session that
+        keeps ``variables`` taking ``used`` bytes so far."""
+        if variables >= MAX_ENV_VARIABLES:
+            return self._refuse(
+                "env_bytes", MAX_ENV_VARIABLES, "env variables in a session", "fixed"
+            )
         if adding + 1 > MAX_ENV_VARIABLE:  # with the "="
             return self._refuse(
                 "env_bytes", MAX_ENV_VARIABLE, "bytes in one env variable", "execve's"

@@ -83,11 +83,6 @@ SIGNALS: Mapping[str, signal.Signals] = {
 #: Exit status for an internal failure to start the command (upstream's MagicSessionErrorCode).
 SESSION_ERROR_EXIT_STATUS = 229
 
-#: Bound on ``env`` requests per channel: a peer controls this memory (their
-#: total size is bounded too, by the connection's limits).
-MAX_ENV_REQUESTS = 1024
-
-
 @dataclass
 class SessionContext:
     """Everything a session needs from the rest of the agent.
@@ -214,13 +209,14 @@ class SessionChannel(channel.SSHChannel):
 
     def _requestEnv(self, data: bytes) -> int:
         name, value = parseEnv(data)
-        if self._started or len(self.clientEnvironment) >= MAX_ENV_REQUESTS:
+        if self._started:
             return 0
         key = os.fsdecode(name)
         if not key or "=" in key or "\0" in key:
             return 0
         size = len(name) + len(value)
-        if self.limits.env(used=self.environmentBytes, adding=size) is not None:
+        variables = len(self.clientEnvironment)
+        if self.limits.env(variables=variables, used=self.environmentBytes, adding=size):
             return 0
         self.environmentBytes += size
         text = os.fsdecode(value)
