@@ -11,12 +11,16 @@ same reason ``setup.cfg`` keeps Twisted below its next major release.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
 from twisted.conch.ssh.transport import SSHServerTransport, SSHTransportBase
 from twisted.internet import tcp, unix
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+
+from coderagent.files import openPrivate
 
 #: Where ``ClientService`` logs "Scheduling retry ..." (a private module):
 #: the namespace to quieten, as its own loggers are named after it.
@@ -117,6 +121,28 @@ def closeUnixPortKeepingFile(port: unix.Port, reason: Failure) -> None:
     ``connectionLost`` that decides about the file itself.
     """
     tcp.Port.connectionLost(port, reason)
+
+
+# -- log files ------------------------------------------------------------------------
+
+
+class PrivateLogFile(LogFile):
+    """Twisted's rotating ``LogFile``, each file it opens made 0600 without the umask.
+
+    ``LogFile._openFile`` (called when the file is first opened and after
+    each rotation) makes a new file private by setting the *process's* umask
+    to 0777 around its ``open``: a file another thread creates meanwhile (an
+    SFTP upload, the spool's) gets mode 0.  Here the file is opened with
+    :func:`coderagent.files.openPrivate` instead, which sets the mode on the
+    file itself (always 0600, whatever ``defaultMode`` says).
+    """
+
+    def _openFile(self) -> None:
+        self.closed = False
+        fd = openPrivate(self.path, os.O_RDWR)
+        self._file = os.fdopen(fd, "rb+", 0)
+        self._file.seek(0, os.SEEK_END)
+        self.size = self._file.tell()  # what LogFile's own _openFile adds to BaseLogFile's
 
 
 # -- child processes ---------------------------------------------------------------

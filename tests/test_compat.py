@@ -275,3 +275,38 @@ def test_client_service_logs_its_retries_under_the_namespace() -> None:
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
     levels.setLogLevelForNamespace(compat.CLIENT_SERVICE_LOG_NAMESPACE, LogLevel.warn)
     assert levels(retry) == PredicateResult.no
+
+
+def test_log_files_are_opened_through_open_file_first_and_after_each_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PrivateLogFile replaces ``LogFile._openFile``; it must be how every file is opened."""
+    umasks: list[int] = []
+    realUmask = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: umasks.append(mask) or realUmask(mask))
+    old = realUmask(0)
+    try:
+        logFile = compat.PrivateLogFile("agent.log", str(tmp_path), rotateLength=10)
+        logFile.write("0123456789")
+        logFile.write("rotated")  # over rotateLength: rotates first
+        logFile.close()
+    finally:
+        realUmask(old)
+    assert umasks == []  # LogFile's own _openFile flips the process's umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.log", "agent.log.1"]
+    assert (tmp_path / "agent.log").read_text() == "rotated"
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_twisteds_log_file_still_flips_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why PrivateLogFile exists: if this fails, Twisted fixed it and it can go."""
+    from twisted.python.logfile import LogFile
+
+    umasks: list[int] = []
+    realUmask = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: umasks.append(mask) or realUmask(mask))
+    LogFile("agent.log", str(tmp_path), defaultMode=0o600).close()
+    assert umasks[0] == 0o777

@@ -125,3 +125,12 @@ def test_malformed_messages_say_what_is_wrong(
 ) -> None:
     found = layoutProblem(messageNum, payload)
     assert found is not None and found.startswith(problem)
+
+
+def test_a_host_is_utf8_without_nul() -> None:
+    assert Payload(NS(b"example.com")).host() == "example.com"
+    assert Payload(NS(b"")).host() == ""  # "all interfaces" for tcpip-forward
+    with pytest.raises(MalformedPayload, match="NUL"):
+        Payload(NS(b"127.0.0.1\0x")).host()
+    with pytest.raises(MalformedPayload, match="UTF-8"):
+        Payload(NS(b"\xff")).host()

@@ -24,6 +24,9 @@ from prometheus_client import (
 FORWARD_DIRECTIONS = ("local", "reverse")
 FORWARD_TRANSPORTS = ("tcp", "unix")
 
+#: ``limit`` values of ``agent_ssh_limit_refused_total`` (ours): see coderagent.ssh.limits.
+SSH_LIMITS = ("sessions", "channels", "reverse_forwards", "env_bytes", "descriptors")
+
 #: ``magic_type`` values of the session metrics (upstream's).
 SESSION_TYPES = ("ssh", "vscode", "jetbrains", "unknown")
 
@@ -62,6 +65,16 @@ class AgentMetrics:
         for direction in FORWARD_DIRECTIONS:
             for transport in FORWARD_TRANSPORTS:
                 self.forwardingRefusedTotal.labels(direction, transport)
+
+        self.limitRefusedTotal = Counter(
+            "agent_ssh_limit_refused",
+            "SSH channel opens and requests refused at a per-connection limit or to keep "
+            "the descriptor reserve, by limit.",
+            ["limit"],
+            registry=self.registry,
+        )
+        for limit in SSH_LIMITS:
+            self.limitRefusedTotal.labels(limit)
 
         self.sshFailedConnections = Counter(
             "agent_ssh_server_failed_connections",
@@ -162,6 +175,10 @@ class AgentMetrics:
     def forwardingRefused(self, direction: str, transport: str) -> None:
         """Count one forward refused by policy (``local|reverse``, ``tcp|unix``)."""
         self.forwardingRefusedTotal.labels(direction, transport).inc()
+
+    def limitRefused(self, limit: str) -> None:
+        """Count one refusal at ``limit`` (one of :data:`SSH_LIMITS`)."""
+        self.limitRefusedTotal.labels(limit).inc()
 
     def value(self, name: str, **labels: str) -> float | None:
         """A sample's current value (for tests and diagnostics), or ``None``."""

@@ -69,6 +69,13 @@ class Payload:
         except UnicodeDecodeError as e:
             raise MalformedPayload("string is not UTF-8") from e
 
+    def host(self) -> str:
+        """A host name or address: UTF-8 without NUL (no resolver or bind takes one)."""
+        text = self.text()
+        if "\0" in text:
+            raise MalformedPayload("NUL in host name")
+        return text
+
     def path(self) -> str:
         """A file system path: any bytes but NUL, decoded as the OS does."""
         raw = self.string()
