@@ -11,12 +11,16 @@ same reason ``setup.cfg`` keeps Twisted below its next major release.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.conch.ssh.transport import SSHTransportBase
+from twisted.conch.ssh.transport import SSHServerTransport, SSHTransportBase
 from twisted.internet import tcp, unix
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+
+from coderagent.files import openPrivate
 
 #: Where ``ClientService`` logs "Scheduling retry ..." (a private module):
 #: the namespace to quieten, as its own loggers are named after it.
@@ -52,6 +56,41 @@ def holdForKeyExchange(
     return True
 
 
+def answerKexInit(transport: SSHTransportBase) -> None:
+    """Enter the key exchange the peer's KEXINIT (just negotiated) starts.
+
+    What the end of Conch's ``ssh_KEXINIT`` does, for a transport that reads
+    the KEXINIT itself: if this side has sent its own KEXINIT already (the
+    first exchange, where both send at once) the exchange is now under way;
+    otherwise the peer started a re-key and ours goes out now, through
+    ``sendKexInit``.
+    """
+    if transport._keyExchangeState == transport._KEY_EXCHANGE_REQUESTED:
+        transport._keyExchangeState = transport._KEY_EXCHANGE_PROGRESSING
+    else:
+        transport.sendKexInit()
+
+
+def setPeerSupportsExtensions(transport: SSHTransportBase, supported: bool) -> None:
+    """Record whether the peer's KEXINIT said ``ext-info-c`` (RFC 8308).
+
+    Conch's ``sendExtInfo`` (which the server transport calls after its
+    first NEWKEYS, to send ``server-sig-algs``) sends only when this is set.
+    """
+    transport._peerSupportsExtensions = supported
+
+
+def skipNextKexPacket(transport: SSHServerTransport) -> None:
+    """Drop the client's next key exchange packet: its guess was wrong.
+
+    RFC 4253 section 7: a KEXINIT with ``first_kex_packet_follows`` whose
+    preferred method or host key type is not the one agreed is followed by a
+    key exchange packet for the wrong method, which must be ignored.
+    Conch's server key exchange handlers drop one packet while this is set.
+    """
+    transport.ignoreNextPacket = True
+
+
 # -- strports ------------------------------------------------------------------
 
 
@@ -82,6 +121,28 @@ def closeUnixPortKeepingFile(port: unix.Port, reason: Failure) -> None:
     ``connectionLost`` that decides about the file itself.
     """
     tcp.Port.connectionLost(port, reason)
+
+
+# -- log files ------------------------------------------------------------------------
+
+
+class PrivateLogFile(LogFile):
+    """Twisted's rotating ``LogFile``, each file it opens made 0600 without the umask.
+
+    ``LogFile._openFile`` (called when the file is first opened and after
+    each rotation) makes a new file private by setting the *process's* umask
+    to 0777 around its ``open``: a file another thread creates meanwhile (an
+    SFTP upload, the spool's) gets mode 0.  Here the file is opened with
+    :func:`coderagent.files.openPrivate` instead, which sets the mode on the
+    file itself (always 0600, whatever ``defaultMode`` says).
+    """
+
+    def _openFile(self) -> None:
+        self.closed = False
+        fd = openPrivate(self.path, os.O_RDWR)
+        self._file = os.fdopen(fd, "rb+", 0)
+        self._file.seek(0, os.SEEK_END)
+        self.size = self._file.tell()  # what LogFile's own _openFile adds to BaseLogFile's
 
 
 # -- child processes ---------------------------------------------------------------

@@ -22,6 +22,7 @@ from coderagent.coderd.client import CoderdClient
 from coderagent.coderd.credentials import CredentialsError, checkCredentials
 from coderagent.coderd.lifecycle import Reporter, sessionVariables
 from coderagent.control.server import controlSocket
+from coderagent.descriptors import DescriptorReserve, OpenFileLimit
 from coderagent.listening import ListeningService
 from coderagent.observe.connections import describeConnections
 from coderagent.observe.logs import LogDestinations, LoggingRoot, RecentLines, StartupReport
@@ -37,9 +38,11 @@ from coderagent.ssh.avatar import AgentRealm
 from coderagent.ssh.environment import UserInfo
 from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
+from coderagent.ssh.limits import SSHLimits
 from coderagent.ssh.session import SessionContext
 from coderagent.ssh.sftp import AgentSFTPServer
 from coderagent.startup import Preflight
+from coderagent.unixsocket import ServedSockets
 
 __all__ = ["Options", "makeService"]
 
@@ -75,14 +78,17 @@ def makeService(
     top = LoggingRoot(lambda: destinations.open(recent))
     preflight = Preflight()
     preflight.setServiceParent(top)
+    OpenFileLimit().setServiceParent(top)
     status = AgentStatus(clock=reactor.seconds)
     StartupReport(_ignored(options)).setServiceParent(top)
     GracefulSignals(reactor).setServiceParent(top)
 
+    #: Every Unix socket path the agent serves: SSH forwards may not take them.
+    served = ServedSockets()
     token = credentials.token or preflight.load(credentials.readToken, CredentialsError)
     hostKeyDir = options["ssh-host-key-dir"]
     hostKeys = preflight.load(lambda: loadHostKeys(hostKeyDir), HostKeyError)
-    context, factory = _ssh(options, reactor, environ, metrics, hostKeys)
+    context, factory = _ssh(options, reactor, environ, metrics, hostKeys, served)
     ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
@@ -106,7 +112,7 @@ def makeService(
     reporter = Reporter(coderd, environ, reactor)
     reporter.onManifest(lambda manifest: context.overrides.update(sessionVariables(manifest)))
     reporter.setServiceParent(coderd)
-    _boundary(options, reactor, metrics, context, status, coderd).setServiceParent(coderd)
+    _boundary(options, reactor, metrics, context, status, coderd, served).setServiceParent(coderd)
     coderd.setServiceParent(top)
     status.add(
         "coderd",
@@ -130,7 +136,9 @@ def makeService(
     ):
         server.setServiceParent(top)
     if options["socket-server-enabled"]:
-        controlSocket(options["socket-path"], reactor, status).setServiceParent(top)
+        controlSocket(options["socket-path"], reactor, status, served=served).setServiceParent(
+            top
+        )
     return top
 
 
@@ -140,6 +148,7 @@ def _ssh(
     environ: dict[str, str],
     metrics: AgentMetrics,
     hostKeys: Callable[[], Mapping[bytes, Any]],
+    served: ServedSockets,
 ) -> tuple[SessionContext, AgentSSHFactory]:
     """The SSH server: what its sessions see, and the factory (host keys load on start)."""
     policy = Policy(
@@ -154,6 +163,14 @@ def _ssh(
         agentEnvironment=environ,
         sftpServer=AgentSFTPServer,
         metrics=metrics,
+        servedSockets=served,
+        limits=SSHLimits(
+            maxSessions=options["ssh-max-sessions"],
+            maxChannels=options["ssh-max-channels"],
+            maxReverseForwards=options["ssh-max-reverse-forwards"],
+            maxEnvBytes=options["ssh-max-env-bytes"],
+        ),
+        descriptors=DescriptorReserve(),
     )
     factory = AgentSSHFactory(
         config=SSHConfig(
@@ -176,6 +193,7 @@ def _boundary(
     context: SessionContext,
     status: AgentStatus,
     coderd: CoderdClient,
+    served: ServedSockets,
 ) -> BoundaryService:
     """The spool, the socket that fills it and the forwarder that empties it."""
     spool = Spool(
@@ -192,6 +210,7 @@ def _boundary(
         metrics=metrics,
         reactor=reactor,
         socketPath=socketPath,
+        served=served,
         announce=lambda path: context.overrides.update(CODER_BOUNDARY_LOG_SOCKET=path),
     )
     status.add(

@@ -23,6 +23,8 @@ from coderagent.policy import Policy
 from coderagent.ssh.forwarding import installForwarding
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
 from coderagent.ssh.interfaces import IChannelWindows
+from coderagent.ssh.limits import ConnectionLimits
+from coderagent.unixsocket import ServedSockets
 
 # -- packets -------------------------------------------------------------------
 
@@ -143,6 +145,9 @@ class FakeSSHConn:
         self.opened: list[tuple[RelayChannel, bytes]] = []
         self._waiting: list[tuple[int, Deferred[None]]] = []
 
+    def openChannels(self) -> int:
+        return len(self.opened)
+
     def openChannel(self, chan: RelayChannel, extra: bytes = b"") -> None:
         self.opened.append((chan, extra))
         due = [d for n, d in self._waiting if len(self.opened) >= n]
@@ -164,10 +169,21 @@ class FakeSSHConn:
 class FakeAvatar:
     """An authenticated user with the real forwarding handlers installed."""
 
-    def __init__(self, policy: Policy, reactor: Any = None) -> None:
+    def __init__(
+        self, policy: Policy, reactor: Any = None, limits: ConnectionLimits | None = None
+    ) -> None:
         self.metrics = AgentMetrics()
+        self.limits = limits or ConnectionLimits(metrics=self.metrics)
+        self.servedSockets = ServedSockets()
         self.context = type(
-            "Ctx", (), {"policy": policy, "reactor": reactor, "metrics": self.metrics}
+            "Ctx",
+            (),
+            {
+                "policy": policy,
+                "reactor": reactor,
+                "metrics": self.metrics,
+                "servedSockets": self.servedSockets,
+            },
         )()
         self.channelLookup: dict[bytes, Any] = {}
         self.globalRequests: dict[bytes, Any] = {}

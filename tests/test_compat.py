@@ -114,6 +114,49 @@ def test_the_peers_kexinit_starts_a_key_exchange_through_sendKexInit() -> None:
     assert compat.inKeyExchange(t) is True
 
 
+def test_answering_a_kexinit_is_what_conchs_ssh_KEXINIT_does() -> None:
+    # Both sides send KEXINIT at once: ours went first, so the peer's
+    # moves the exchange on without a second KEXINIT from us...
+    peer, _ = _idle()
+    peer.sendKexInit()
+    for answer in (compat.answerKexInit, None):
+        t, wire = _idle()
+        t.sendKexInit()
+        sent = len(wire.value())
+        if answer is None:
+            t.ssh_KEXINIT(peer.ourKexInitPayload[1:])  # Conch's own
+        else:
+            answer(t)
+        assert (t.kexInits, len(wire.value()) == sent) == (1, True)
+        assert t._keyExchangeState == t._KEY_EXCHANGE_PROGRESSING
+    # ... and between exchanges the peer's KEXINIT is answered with ours.
+    t, wire = _idle()
+    compat.answerKexInit(t)
+    assert t.kexInits == 1 and compat.inKeyExchange(t) is True
+    assert [p[0] for p in _packets(wire.value())] == [transport.MSG_KEXINIT]
+
+
+def test_ext_info_goes_only_to_a_peer_that_said_it_supports_it() -> None:
+    for supported in (False, True):
+        t, wire = _idle()
+        compat.setPeerSupportsExtensions(t, supported)
+        t.sendExtInfo([(b"server-sig-algs", b"ssh-ed25519")])
+        expected = [b"\x07" + b"\0\0\0\x01" + b"\0\0\0\x0fserver-sig-algs\0\0\0\x0bssh-ed25519"]
+        assert _packets(wire.value()) == (expected if supported else [])
+
+
+def test_a_wrong_guess_drops_exactly_one_key_exchange_packet() -> None:
+    t = transport.SSHServerTransport()
+    t.transport = StringTransport()
+    compat.skipNextKexPacket(t)
+    t.ssh_KEX_DH_GEX_REQUEST_OLD(b"the guess")  # dropped: not even parsed
+    assert not t.ignoreNextPacket and t.transport.value() == b""
+    t.kexAlg = b"curve25519-sha256"
+    # The next one is handled: it gets as far as looking up the host key.
+    with pytest.raises(AttributeError, match="keyAlg"):
+        t.ssh_KEX_DH_GEX_REQUEST_OLD(b"not a key")
+
+
 def test_the_state_it_reads_is_conchs() -> None:
     assert SSHTransportBase._keyExchangeState == SSHTransportBase._KEY_EXCHANGE_NONE
     assert SSHTransportBase._blockedByKeyExchange is None
@@ -232,3 +275,38 @@ def test_client_service_logs_its_retries_under_the_namespace() -> None:
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
     levels.setLogLevelForNamespace(compat.CLIENT_SERVICE_LOG_NAMESPACE, LogLevel.warn)
     assert levels(retry) == PredicateResult.no
+
+
+def test_log_files_are_opened_through_open_file_first_and_after_each_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PrivateLogFile replaces ``LogFile._openFile``; it must be how every file is opened."""
+    umasks: list[int] = []
+    realUmask = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: umasks.append(mask) or realUmask(mask))
+    old = realUmask(0)
+    try:
+        logFile = compat.PrivateLogFile("agent.log", str(tmp_path), rotateLength=10)
+        logFile.write("0123456789")
+        logFile.write("rotated")  # over rotateLength: rotates first
+        logFile.close()
+    finally:
+        realUmask(old)
+    assert umasks == []  # LogFile's own _openFile flips the process's umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.log", "agent.log.1"]
+    assert (tmp_path / "agent.log").read_text() == "rotated"
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_twisteds_log_file_still_flips_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why PrivateLogFile exists: if this fails, Twisted fixed it and it can go."""
+    from twisted.python.logfile import LogFile
+
+    umasks: list[int] = []
+    realUmask = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: umasks.append(mask) or realUmask(mask))
+    LogFile("agent.log", str(tmp_path), defaultMode=0o600).close()
+    assert umasks[0] == 0o777

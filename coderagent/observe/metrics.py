@@ -24,6 +24,9 @@ from prometheus_client import (
 FORWARD_DIRECTIONS = ("local", "reverse")
 FORWARD_TRANSPORTS = ("tcp", "unix")
 
+#: ``limit`` values of ``agent_ssh_limit_refused_total`` (ours): see coderagent.ssh.limits.
+SSH_LIMITS = ("sessions", "channels", "reverse_forwards", "env_bytes", "descriptors")
+
 #: ``magic_type`` values of the session metrics (upstream's).
 SESSION_TYPES = ("ssh", "vscode", "jetbrains", "unknown")
 
@@ -91,6 +94,16 @@ class AgentMetrics:
             "When the forwarding policy in force was loaded (Unix time).",
             registry=self.registry,
         )
+
+        self.limitRefusedTotal = Counter(
+            "agent_ssh_limit_refused",
+            "SSH channel opens and requests refused at a per-connection limit or to keep "
+            "the descriptor reserve, by limit.",
+            ["limit"],
+            registry=self.registry,
+        )
+        for limit in SSH_LIMITS:
+            self.limitRefusedTotal.labels(limit)
 
         self.sshFailedConnections = Counter(
             "agent_ssh_server_failed_connections",
@@ -204,6 +217,10 @@ class AgentMetrics:
         self.policyInfo.clear()
         self.policyInfo.labels(digest, mode).set(1)
         self.policyLoaded.set(when)
+
+    def limitRefused(self, limit: str) -> None:
+        """Count one refusal at ``limit`` (one of :data:`SSH_LIMITS`)."""
+        self.limitRefusedTotal.labels(limit).inc()
 
     def value(self, name: str, **labels: str) -> float | None:
         """A sample's current value (for tests and diagnostics), or ``None``."""

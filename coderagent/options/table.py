@@ -328,6 +328,34 @@ OPTIONS: tuple[OptionSpec, ...] = (
         COUNT,
         "Failed authentication attempts allowed per SSH connection before it is closed.",
     ),
+    OptionSpec(
+        "ssh-max-sessions",
+        "CODER_AGENT_SSH_MAX_SESSIONS",
+        "10",
+        COUNT,
+        "Open sessions (shell, exec, sftp) allowed per SSH connection, as sshd's MaxSessions.",
+    ),
+    OptionSpec(
+        "ssh-max-channels",
+        "CODER_AGENT_SSH_MAX_CHANNELS",
+        "1024",
+        COUNT,
+        "Open channels (sessions and forwarded connections) allowed per SSH connection.",
+    ),
+    OptionSpec(
+        "ssh-max-reverse-forwards",
+        "CODER_AGENT_SSH_MAX_REVERSE_FORWARDS",
+        "256",
+        COUNT,
+        "Reverse forwarding listeners (TCP and Unix socket) allowed per SSH connection.",
+    ),
+    OptionSpec(
+        "ssh-max-env-bytes",
+        "CODER_AGENT_SSH_MAX_ENV_BYTES",
+        "256KiB",
+        SIZE,
+        "Total size of the env requests (names and values) one SSH session accepts.",
+    ),
 )
 
 SPECS: Mapping[str, OptionSpec] = {spec.name: spec for spec in OPTIONS}

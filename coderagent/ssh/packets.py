@@ -11,9 +11,12 @@ spends its core on.
 the cipher and the MAC piece by piece (header, payload parts, padding) from
 ``memoryview`` slices, and hand channel data to the connection as the
 cipher's own output.  That needs a cipher whose ``update`` may be called with
-any length: CTR (the only kind the agent offers) and ``none`` (before the
-first key exchange).  Each object is bound to one ``SSHCiphers``; the
-transport makes a new one whenever Conch installs new keys.
+any length: CTR and ``none`` (before the first key exchange).  These two
+classes are the encrypt-and-MAC construction of RFC 4253 (the MAC over the
+plaintext); :mod:`coderagent.ssh.ciphers` has the others (EtM MACs, AES-GCM,
+ChaCha20-Poly1305) on the same interface.  Each object is bound to one set
+of keys (its ``ciphers``); the transport takes a new one whenever new keys
+are installed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ from typing import Any
 #: packet_length, padding_length, message type.
 _HEAD = struct.Struct(">LBB")
 _SEQ = struct.Struct(">L")
+#: A packet length on its own (the constructions that do not encrypt it
+#: with the rest of the header).
+U32 = struct.Struct(">L")
+#: padding_length, message type: the header after an unencrypted length.
+HEAD_AFTER_LENGTH = struct.Struct(">BB")
+#: Sequence numbers are uint32 on the wire and wrap (RFC 4253 section 6.4).
+SEQUENCE_MASK = 0xFFFFFFFF
 #: The head of a CHANNEL_DATA payload: recipient channel, data length.
 CHANNEL_DATA_HEAD = struct.Struct(">LL")
 
@@ -79,18 +89,12 @@ def _macBase(params: Any) -> Any:
     return hmac.new(params.key, digestmod=digestmod)
 
 
-class Sealer:
-    """Encrypts and MACs outgoing packets for one ``SSHCiphers``."""
+class PaddingPool:
+    """Random padding for outgoing packets, shared by every kind of sealer."""
 
-    __slots__ = ("_mac", "_pool", "_poolPos", "_update", "blockSize", "ciphers")
+    __slots__ = ("_pool", "_poolPos")
 
-    def __init__(self, ciphers: Any) -> None:
-        if not _streamable(ciphers.outCipType):
-            raise ValueError(f"cipher {ciphers.outCipType!r} cannot be sealed piecewise")
-        self.ciphers = ciphers
-        self.blockSize: int = max(ciphers.encBlockSize, 8)
-        self._update = _updater(ciphers.outCipType, ciphers.encryptor)
-        self._mac = _macBase(ciphers.outMAC)
+    def __init__(self) -> None:
         self._pool = b""
         self._poolPos = 0
 
@@ -103,6 +107,37 @@ class Sealer:
             pos = 0
         self._poolPos = pos + n
         return self._pool[pos : pos + n]
+
+
+class Sealer(PaddingPool):
+    """Encrypts and MACs outgoing packets (CTR or ``none``, encrypt-and-MAC)."""
+
+    __slots__ = ("_mac", "_update", "blockSize", "ciphers")
+
+    def __init__(self, ciphers: Any) -> None:
+        """For Conch's ``SSHCiphers`` (the ``none`` cipher before the first exchange)."""
+        if not _streamable(ciphers.outCipType):
+            raise ValueError(f"cipher {ciphers.outCipType!r} cannot be sealed piecewise")
+        self._setUp(
+            ciphers,
+            max(ciphers.encBlockSize, 8),
+            _updater(ciphers.outCipType, ciphers.encryptor),
+            _macBase(ciphers.outMAC),
+        )
+
+    @classmethod
+    def withKeys(cls, owner: Any, blockSize: int, update: Any, mac: Any) -> Sealer:
+        """A sealer over a CTR ``update`` and a keyed HMAC to copy per packet."""
+        sealer = cls.__new__(cls)
+        sealer._setUp(owner, blockSize, update, mac)
+        return sealer
+
+    def _setUp(self, owner: Any, blockSize: int, update: Any, mac: Any) -> None:
+        PaddingPool.__init__(self)
+        self.ciphers = owner
+        self.blockSize = blockSize
+        self._update = update
+        self._mac = mac
 
     def seal(self, sequence: int, messageType: int, parts: Sequence[Chunk]) -> list[bytes]:
         """The wire bytes of one packet, as pieces to write in order."""
@@ -149,7 +184,7 @@ class Opened:
 
 
 class Opener:
-    """Decrypts and verifies incoming packets for one ``SSHCiphers``.
+    """Decrypts and verifies incoming packets (CTR or ``none``, encrypt-and-MAC).
 
     :meth:`open` is called with the receive buffer and a read position; it
     returns the next packet and the position after it, or ``None`` while the
@@ -162,13 +197,31 @@ class Opener:
     __slots__ = ("_head", "_mac", "_macSize", "_update", "blockSize", "ciphers")
 
     def __init__(self, ciphers: Any) -> None:
+        """For Conch's ``SSHCiphers`` (the ``none`` cipher before the first exchange)."""
         if not _streamable(ciphers.inCipType):
             raise ValueError(f"cipher {ciphers.inCipType!r} cannot be opened piecewise")
-        self.ciphers = ciphers
-        self.blockSize: int = max(ciphers.decBlockSize, 8)
-        self._update = _updater(ciphers.inCipType, ciphers.decryptor)
-        self._mac = _macBase(ciphers.inMAC)
-        self._macSize: int = ciphers.verifyDigestSize if self._mac is not None else 0
+        mac = _macBase(ciphers.inMAC)
+        self._setUp(
+            ciphers,
+            max(ciphers.decBlockSize, 8),
+            _updater(ciphers.inCipType, ciphers.decryptor),
+            mac,
+            ciphers.verifyDigestSize if mac is not None else 0,
+        )
+
+    @classmethod
+    def withKeys(cls, owner: Any, blockSize: int, update: Any, mac: Any, macSize: int) -> Opener:
+        """An opener over a CTR ``update`` and a keyed HMAC to copy per packet."""
+        opener = cls.__new__(cls)
+        opener._setUp(owner, blockSize, update, mac, macSize)
+        return opener
+
+    def _setUp(self, owner: Any, blockSize: int, update: Any, mac: Any, macSize: int) -> None:
+        self.ciphers = owner
+        self.blockSize = blockSize
+        self._update = update
+        self._mac = mac
+        self._macSize = macSize
         self._head: tuple[bytes, int, int, int] | None = None
 
     def open(self, view: memoryview, pos: int, sequence: int) -> tuple[Opened, int] | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.conch.error import ConchError
 from twisted.conch.interfaces import ISFTPServer
-from twisted.conch.ssh import channel, common, connection, session
+from twisted.conch.ssh import channel, common, connection
 from twisted.conch.ssh.filetransfer import FileTransferServer
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IAddress, IPushProducer, ITransport
@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from coderagent.descriptors import DescriptorReserve
 from coderagent.netaddr import describePeer
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.policy import (
@@ -41,8 +42,21 @@ from coderagent.policy import (
 )
 from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
 from coderagent.ssh.interfaces import IWindowedChannel
-from coderagent.ssh.spawn import PtyRequest, resizeTerminal, spawnSession
+from coderagent.ssh.limits import ConnectionLimits, SSHLimits
+from coderagent.ssh.requests import (
+    MalformedPayload,
+    PtyRequest,
+    parseEnv,
+    parseExec,
+    parsePtyReq,
+    parseShell,
+    parseSignal,
+    parseSubsystem,
+    parseWindowChange,
+)
+from coderagent.ssh.spawn import resizeTerminal, spawnSession
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from coderagent.unixsocket import ServedSockets
 
 log = Logger()
 
@@ -69,10 +83,6 @@ SIGNALS: Mapping[str, signal.Signals] = {
 #: Exit status for an internal failure to start the command (upstream's MagicSessionErrorCode).
 SESSION_ERROR_EXIT_STATUS = 229
 
-#: Bound on ``env`` requests per channel: a peer controls this memory.
-MAX_ENV_REQUESTS = 1024
-
-
 @dataclass
 class SessionContext:
     """Everything a session needs from the rest of the agent.
@@ -89,6 +99,12 @@ class SessionContext:
     overrides: dict[str, str] = field(default_factory=dict)
     sftpServer: Callable[[str], ISFTPServer] | None = None
     metrics: AgentMetrics | None = None
+    #: The agent's own socket paths, which forwards may not take.
+    servedSockets: ServedSockets = field(default_factory=ServedSockets)
+    #: What each connection may hold (see coderagent.ssh.limits).
+    limits: SSHLimits = field(default_factory=SSHLimits)
+    #: The descriptors forwarding must leave free (None: not enforced).
+    descriptors: DescriptorReserve | None = None
 
 
 class _SessionProcessProtocol(ProcessProtocol):
@@ -140,12 +156,18 @@ class SessionChannel(channel.SSHChannel):
     #: The AgentConnection this channel lives on (Conch types it loosely).
     conn: Any
 
-    def __init__(self, context: SessionContext, **kw: Any) -> None:
+    def __init__(
+        self, context: SessionContext, limits: ConnectionLimits | None = None, **kw: Any
+    ) -> None:
+        """``limits`` are the connection's (default: a connection of its own)."""
         kw.setdefault("localWindow", CHANNEL_WINDOW)
         kw.setdefault("localMaxPacket", CHANNEL_MAX_PACKET)
         super().__init__(**kw)
         self.context = context
+        self.limits = limits if limits is not None else ConnectionLimits(context.limits)
         self.clientEnvironment: list[tuple[str, str]] = []
+        #: Bytes of the env requests accepted so far (names and values).
+        self.environmentBytes = 0
         self.sessionType = "ssh"
         self.pty: PtyRequest | None = None
         self.process: Any = None
@@ -168,11 +190,12 @@ class SessionChannel(channel.SSHChannel):
             return 0
         try:
             return handler(self, data)
-        except (struct.error, ValueError, IndexError) as e:
+        except MalformedPayload as e:
             log.warn(
-                "malformed {request} request on session channel: {error}",
+                "malformed {request} request on session channel from {peer} refused: {error}",
                 request=requestType.decode("ascii", "replace"),
-                error=repr(e),
+                peer=self._peerText(),
+                error=str(e),
             )
             return 0
         except Exception:
@@ -185,13 +208,17 @@ class SessionChannel(channel.SSHChannel):
             return 0
 
     def _requestEnv(self, data: bytes) -> int:
-        name, rest = common.getNS(data)
-        value, _ = common.getNS(rest)
-        if self._started or len(self.clientEnvironment) >= MAX_ENV_REQUESTS:
+        name, value = parseEnv(data)
+        if self._started:
             return 0
         key = os.fsdecode(name)
         if not key or "=" in key or "\0" in key:
             return 0
+        size = len(name) + len(value)
+        variables = len(self.clientEnvironment)
+        if self.limits.env(variables=variables, used=self.environmentBytes, adding=size):
+            return 0
+        self.environmentBytes += size
         text = os.fsdecode(value)
         if key == "CODER_SSH_SESSION_TYPE":
             self.sessionType = text.lower() or "ssh"
@@ -200,14 +227,14 @@ class SessionChannel(channel.SSHChannel):
         return 1
 
     def _requestPty(self, data: bytes) -> int:
+        pty = parsePtyReq(data)
         if self._started:
             return 0
-        term, winSize, modes = session.parseRequest_pty_req(data)
-        self.pty = PtyRequest(os.fsdecode(term), winSize, modes)
+        self.pty = pty
         return 1
 
     def _requestWindowChange(self, data: bytes) -> int:
-        rows, cols, xpx, ypx = session.parseRequest_window_change(data)
+        rows, cols, xpx, ypx = parseWindowChange(data)
         if self.pty is None:
             return 0
         self.pty.winSize = (rows, cols, xpx, ypx)
@@ -220,14 +247,14 @@ class SessionChannel(channel.SSHChannel):
         return 1
 
     def _requestShell(self, data: bytes) -> int:
+        parseShell(data)
         return self._start(None)
 
     def _requestExec(self, data: bytes) -> int:
-        command, _ = common.getNS(data)
-        return self._start(os.fsdecode(command))
+        return self._start(parseExec(data))
 
     def _requestSubsystem(self, data: bytes) -> int:
-        name = os.fsdecode(common.getNS(data)[0])
+        name = parseSubsystem(data)
         if self._started or name != "sftp" or self.context.sftpServer is None:
             return 0
         self._started = True
@@ -252,7 +279,7 @@ class SessionChannel(channel.SSHChannel):
         return 1
 
     def _requestSignal(self, data: bytes) -> int:
-        name = os.fsdecode(common.getNS(data)[0])
+        name = parseSignal(data)
         sig = SIGNALS.get(name, signal.SIGKILL)
         if self.process is None or self._ended:
             return 0

@@ -14,7 +14,6 @@ import fcntl
 import os
 import struct
 import termios
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.conch import ttymodes
@@ -22,18 +21,10 @@ from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 
 from coderagent.ssh.environment import sessionEnvironment
+from coderagent.ssh.requests import PtyRequest
 
 #: Upstream's placeholder in SSH_CLIENT when an address has no host or port.
 _NO_ADDRESS = "0.0.0.0"  # noqa: S104 - a placeholder, not a bind address
-
-
-@dataclass
-class PtyRequest:
-    """What a ``pty-req`` asked for: the terminal, its size, its modes."""
-
-    term: str
-    winSize: tuple[int, int, int, int]
-    modes: list[tuple[int, int]]
 
 
 def packWinSize(rows: int, cols: int, xpx: int, ypx: int) -> bytes:
@@ -63,8 +54,6 @@ def applyModes(fd: int, modes: list[tuple[int, int]]) -> None:
             if index is not None and 0 <= value < 256:
                 attr[6][index] = bytes((value,))
     termios.tcsetattr(fd, termios.TCSANOW, attr)
-
-
 
 
 def resizeTerminal(process: Any, rows: int, cols: int, xpx: int, ypx: int) -> None:

@@ -26,6 +26,8 @@ from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 
 if TYPE_CHECKING:
     from coderagent.policy import Decision, Policy
+    from coderagent.ssh.limits import ConnectionLimits
+    from coderagent.unixsocket import ServedSockets
 
 log = Logger()
 
@@ -59,6 +61,12 @@ class Forwards:
     def policy(self) -> Policy:
         policy: Policy = self.context.policy
         return policy
+
+    @property
+    def servedSockets(self) -> ServedSockets:
+        """The agent's own socket paths: no forward may take one."""
+        served: ServedSockets = self.context.servedSockets
+        return served
 
     @property
     def reactor(self) -> Any:
@@ -115,6 +123,16 @@ class Forwards:
                 conn=type(conn).__qualname__,
             )
             raise ConchError("local forwarding is not available", OPEN_CONNECT_FAILED)
+
+    def admitsReverseForward(self) -> bool:
+        """Whether this connection may bind another reverse listener (its limits decide)."""
+        limits: ConnectionLimits = self.avatar.limits
+        return limits.reverseForward(listeners=len(self.listeners)) is None
+
+    def admitsForwardedConnection(self) -> bool:
+        """Whether a reverse listener may open another ``forwarded-*`` channel."""
+        limits: ConnectionLimits = self.avatar.limits
+        return limits.forwardChannel(channels=self.avatar.conn.openChannels()) is None
 
     def malformed(self, request: str, error: Exception) -> None:
         log.warn(

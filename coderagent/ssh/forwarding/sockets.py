@@ -108,7 +108,8 @@ class ForwardedFactory(Factory):
     becomes.  ``address`` is what the client asked to listen on (a host or a
     path) and ``boundPort`` the port actually bound (0 for a Unix socket);
     both go into the ``forwarded-*`` open.  Nothing is accepted once the SSH
-    connection is gone.
+    connection is gone, nor beyond the connection's limits (the socket is
+    closed at once).
     """
 
     noisy = False
@@ -122,6 +123,8 @@ class ForwardedFactory(Factory):
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         conn = getattr(self.forwards.avatar, "conn", None)
         if self.forwards.closed or conn is None:
+            return None
+        if not self.forwards.admitsForwardedConnection():
             return None
         return self.accepted(self, conn)
 

@@ -106,7 +106,7 @@ class TCPForwarding:
         f.checkLocal("tcp", target, f"direct-tcpip to {target}")
         try:
             payload = Payload(data)
-            host = payload.text()
+            host = payload.host()
             port = payload.port()
             payload.string()  # originator address
             payload.uint32()  # originator port
@@ -140,6 +140,8 @@ class TCPForwarding:
             return 0
         bound = _bindRequest(f, data, "tcpip-forward")
         if bound is None:
+            return 0
+        if not f.admitsReverseForward():
             return 0
         address, port = bound
         factory = ForwardedFactory(f, _AcceptedTCP, address)
@@ -177,7 +179,7 @@ def _bindRequest(f: Forwards, data: bytes, request: str) -> tuple[str, int] | No
     """The address and port of a ``tcpip-forward`` or its cancel (``None``: malformed)."""
     try:
         payload = Payload(data)
-        address = payload.text()
+        address = payload.host()
         port = payload.port()
         payload.end()
     except MalformedPayload as e:
