@@ -31,12 +31,14 @@ from coderagent.observe.servers import httpServers
 from coderagent.observe.status import AgentStatus
 from coderagent.options import Options
 from coderagent.policy import Policy
+from coderagent.policy.reload import PolicyFileService
 from coderagent.reaper import Reaper
 from coderagent.signals import GracefulSignals
 from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
 from coderagent.ssh.environment import UserInfo
 from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
+from coderagent.ssh.forwarding import recheckReverseForwards
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
 from coderagent.ssh.limits import SSHLimits
 from coderagent.ssh.session import SessionContext
@@ -89,6 +91,15 @@ def makeService(
     hostKeyDir = options["ssh-host-key-dir"]
     hostKeys = preflight.load(lambda: loadHostKeys(hostKeyDir), HostKeyError)
     context, factory = _ssh(options, reactor, environ, metrics, hostKeys, served)
+    if options["forwarding-policy-file"]:
+        PolicyFileService(
+            options["forwarding-policy-file"],
+            context.policy,
+            reactor=reactor,
+            onLoaded=lambda rules, when: metrics.policyLoadedNow(rules.digest, rules.mode, when),
+            onError=metrics.policyReloadErrors.inc,
+            onChange=lambda: recheckReverseForwards(factory.connections),
+        ).setServiceParent(top)  # before the SSH server: it listens under the policy
     ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],

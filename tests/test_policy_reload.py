@@ -18,9 +18,6 @@ ALLOW_REVERSE = '[reverse_tcp]\ndefault = "allow"\n'
 
 
 class Reactor(Clock):
-    def callWhenRunning(self, f: object) -> None:
-        pass
-
     def callFromThread(self, f: object, *args: object) -> None:
         f(*args)  # type: ignore[operator]
 
@@ -82,15 +79,14 @@ def test_an_invalid_file_keeps_the_policy_and_is_reported_once(
 
 
 def test_sighup_reloads_even_an_unchanged_file(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGHUP)
     service, _, _, events = started(tmp_path, DENY_REVERSE)
-    previous = signal.getsignal(signal.SIGHUP)
-    service._installSignal()  # what the reactor calls once it runs
     try:
         os.kill(os.getpid(), signal.SIGHUP)
         assert events[-1] == "changed"
     finally:
-        signal.signal(signal.SIGHUP, previous)
-    service.stopService()
+        service.stopService()
+    assert signal.getsignal(signal.SIGHUP) == before  # put back when the service stops
 
 
 def test_an_invalid_file_at_start_stops_the_agent_with_its_errors(tmp_path: Path) -> None:

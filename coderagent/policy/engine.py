@@ -21,6 +21,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from coderagent.netaddr import joinHostPort
 from coderagent.policy.keyoptions import KeyOptions
 from coderagent.policy.policyfile import PolicyFile
 from coderagent.policy.rules import Verdict, firstBind, firstKind, firstPath, firstTCP
@@ -130,7 +131,7 @@ class Policy:
                 first = verdict
         if allowed or first is None:
             return TCPDecision(ALLOW, tuple(allowed))
-        decision = self._file(first, f"forwarding to {host}:{port}")
+        decision = self._file(first, f"forwarding to {joinHostPort(host, port)}")
         return TCPDecision(decision, tuple(addresses) if decision.allowed else ())
 
     def reverseTCP(self, bind: str, port: int, key: KeyOptions | None = None) -> Decision:
@@ -142,7 +143,7 @@ class Policy:
         if refused is not None:
             return refused
         verdict = firstBind(self.rules.section("reverse_tcp"), bind, port)
-        return self._file(verdict, f"listening on {bind}:{port}")
+        return self._file(verdict, f"listening on {joinHostPort(bind, port)}")
 
     def localUnix(self, path: str, key: KeyOptions | None = None) -> Decision:
         """``ssh -L`` to the Unix socket ``path`` (normalised: see :func:`normalisePath`)."""

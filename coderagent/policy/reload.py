@@ -76,24 +76,33 @@ class PolicyFileService(Service):
         self._install(rules, "loaded")
 
     def privilegedStartService(self) -> None:
+        # twistd calls this first (a test's MultiService only startService): load,
+        # and take SIGHUP now, not once the reactor runs. Twisted installs no SIGHUP
+        # handler of its own, and until this one is in place SIGHUP ends the agent.
         super().privilegedStartService()
-        if self.policy.rules.digest == "":
-            self.load()
+        self._prepare()
 
     def startService(self) -> None:
         super().startService()
-        if self.policy.rules.digest == "":
-            self.load()
+        self._prepare()
         self._check = LoopingCall(self.reload, "its content changed")
         self._check.clock = self.clock
         self._check.start(self.interval, now=False)
-        self.reactor.callWhenRunning(self._installSignal)
+
+    def _prepare(self) -> None:
+        if self.policy.rules.digest == "":
+            self.load()
+        if self._previousHandler is None:
+            self._installSignal()
 
     def stopService(self) -> None:
         super().stopService()
         if self._check is not None and self._check.running:
             self._check.stop()
         self._check = None
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
 
     def _installSignal(self) -> None:
         self._previousHandler = signal.signal(signal.SIGHUP, self._hangup)
