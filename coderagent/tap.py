@@ -3,9 +3,10 @@
 Wiring only: each concept is built by its own package (``ssh``, ``policy``,
 ``coderd``, ``boundary``, ``observe``, ``control``), which also does its own
 I/O when its service starts (host keys, the token file, log files, the
-spool), never here.  Everything goes into one ``MultiService``: the SSH
-server first (it serves whether or not coderd is reachable), then the coderd
-client with the services that talk through it as its children.
+spool), never here.  Everything goes into one ``MultiService``; the SSH
+server (it serves whether or not coderd is reachable) and the coderd client
+(with the services that talk through it as its children) are started, and
+stopped in upstream's order, by :class:`~coderagent.agentlifecycle.AgentLifecycle`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 
 from twisted.application.service import MultiService
 
+from coderagent.agentlifecycle import AgentLifecycle
 from coderagent.boundary.service import BoundaryService
 from coderagent.boundary.spool import Spool
 from coderagent.coderd.client import CoderdClient
 from coderagent.coderd.credentials import CredentialsError, checkCredentials
-from coderagent.coderd.lifecycle import Reporter, sessionVariables
+from coderagent.coderd.lifecycle import Reporter
 from coderagent.control.server import controlSocket
 from coderagent.listening import ListeningService
 from coderagent.observe.connections import describeConnections
@@ -34,12 +36,12 @@ from coderagent.reaper import Reaper
 from coderagent.signals import GracefulSignals
 from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
-from coderagent.ssh.environment import UserInfo
 from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
 from coderagent.ssh.session import SessionContext
 from coderagent.ssh.sftp import AgentSFTPServer
 from coderagent.startup import Preflight
+from coderagent.workspaceenv import UserInfo, WorkspaceEnvironment
 
 __all__ = ["Options", "makeService"]
 
@@ -82,8 +84,9 @@ def makeService(
     token = credentials.token or preflight.load(credentials.readToken, CredentialsError)
     hostKeyDir = options["ssh-host-key-dir"]
     hostKeys = preflight.load(lambda: loadHostKeys(hostKeyDir), HostKeyError)
-    context, factory = _ssh(options, reactor, environ, metrics, hostKeys)
-    ListeningService(
+    workspace = WorkspaceEnvironment(agentEnvironment=environ, user=UserInfo.current(environ))
+    _, factory = _ssh(options, reactor, workspace, metrics, hostKeys)
+    ssh = ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
         factory=factory,
@@ -91,9 +94,8 @@ def makeService(
         required=True,
         drain=factory.shutdown,
         prepare=factory.loadHostKeys,
-    ).setServiceParent(top)
+    )
     status.add("ssh", lambda: {"connections": len(factory.connections)})
-    Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
 
     coderd = CoderdClient(
         url=credentials.url,
@@ -103,11 +105,12 @@ def makeService(
         reactor=reactor,
         environ=environ,
     )
-    reporter = Reporter(coderd, environ, reactor)
-    reporter.onManifest(lambda manifest: context.overrides.update(sessionVariables(manifest)))
+    reporter = Reporter(coderd, workspace.expandDirectory, reactor)
+    reporter.onManifest(lambda manifest, first: workspace.update(manifest))
     reporter.setServiceParent(coderd)
-    _boundary(options, reactor, metrics, context, status, coderd).setServiceParent(coderd)
-    coderd.setServiceParent(top)
+    _boundary(options, reactor, metrics, workspace, status, coderd).setServiceParent(coderd)
+    AgentLifecycle(reporter=reporter, ssh=ssh, coderd=coderd, clock=reactor).setServiceParent(top)
+    Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
     status.add(
         "coderd",
         lambda: {
@@ -137,7 +140,7 @@ def makeService(
 def _ssh(
     options: Mapping[str, Any],
     reactor: Any,
-    environ: dict[str, str],
+    workspace: WorkspaceEnvironment,
     metrics: AgentMetrics,
     hostKeys: Callable[[], Mapping[bytes, Any]],
 ) -> tuple[SessionContext, AgentSSHFactory]:
@@ -150,8 +153,9 @@ def _ssh(
     context = SessionContext(
         policy=policy,
         reactor=reactor,
-        user=UserInfo.current(environ),
-        agentEnvironment=environ,
+        user=workspace.user,
+        agentEnvironment=workspace.agentEnvironment,
+        workspace=workspace,
         sftpServer=AgentSFTPServer,
         metrics=metrics,
     )
@@ -173,7 +177,7 @@ def _boundary(
     options: Mapping[str, Any],
     reactor: Any,
     metrics: AgentMetrics,
-    context: SessionContext,
+    workspace: WorkspaceEnvironment,
     status: AgentStatus,
     coderd: CoderdClient,
 ) -> BoundaryService:
@@ -192,7 +196,7 @@ def _boundary(
         metrics=metrics,
         reactor=reactor,
         socketPath=socketPath,
-        announce=lambda path: context.overrides.update(CODER_BOUNDARY_LOG_SOCKET=path),
+        announce=lambda path: workspace.setVariable("CODER_BOUNDARY_LOG_SOCKET", path),
     )
     status.add(
         "boundary",

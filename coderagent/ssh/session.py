@@ -18,7 +18,7 @@ import os
 import signal
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.conch.error import ConchError
@@ -43,6 +43,7 @@ from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
 from coderagent.ssh.interfaces import IWindowedChannel
 from coderagent.ssh.spawn import PtyRequest, resizeTerminal, spawnSession
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from coderagent.workspaceenv import WorkspaceEnvironment
 
 log = Logger()
 
@@ -77,18 +78,21 @@ MAX_ENV_REQUESTS = 1024
 class SessionContext:
     """Everything a session needs from the rest of the agent.
 
-    ``overrides`` is a live mapping: services that learn something later (the
-    manifest, the boundary socket path) update it and new sessions see it.
+    ``workspace`` is live: services that learn something later (the manifest,
+    the boundary socket path) update it and new sessions see it.
     """
 
     policy: Policy
     reactor: Any
     user: UserInfo
     agentEnvironment: Mapping[str, str]
-    defaults: Mapping[str, str] = field(default_factory=lambda: {"CODER": "true"})
-    overrides: dict[str, str] = field(default_factory=dict)
+    workspace: WorkspaceEnvironment | None = None
     sftpServer: Callable[[str], ISFTPServer] | None = None
     metrics: AgentMetrics | None = None
+
+    def __post_init__(self) -> None:
+        if self.workspace is None:
+            self.workspace = WorkspaceEnvironment(self.agentEnvironment, self.user)
 
 
 class _SessionProcessProtocol(ProcessProtocol):

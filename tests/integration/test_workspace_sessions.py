@@ -1,0 +1,97 @@
+"""What a template's manifest changes for the person who logs in: real agent, coderd-dev, ssh."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.agentproc import (
+    Agent,
+    ClientKeys,
+    Coderd,
+    runningAgent,
+    runningCoderd,
+    ssh,
+    sshOptions,
+)
+
+CONNECTED = re.compile(r"coderagent\.coderd\.client: connected to coderd at ")
+
+
+@contextmanager
+def workspace(
+    tmp_path: Path, clientKeys: ClientKeys, manifest: dict[str, Any], *agentArgs: str
+) -> Iterator[tuple[Coderd, Agent]]:
+    """coderd-dev serving ``manifest`` and an agent connected to it, until READY."""
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    with runningCoderd(tmp_path / "coderd", token="tok", extra=[f"--manifest={path}"]) as coderd:
+        args = [f"--agent-url={coderd.url}", "--agent-token=tok", *agentArgs]
+        with runningAgent(clientKeys, tmp_path / "agent", args) as agent:
+            coderd.waitForLog(r"agent lifecycle: (READY|START_ERROR|START_TIMEOUT)")
+            yield coderd, agent
+
+
+def test_sessions_start_in_the_manifest_directory_with_its_variables(
+    clientKeys: ClientKeys, tmp_path: Path
+) -> None:
+    home = tmp_path / "agent" / "home"
+    (home / "project").mkdir(parents=True)
+    manifest = {
+        "directory": "project",  # relative: under $HOME
+        "environment_variables": {
+            "EDITOR": "vim",
+            "GREETING": "hello from $HOME",  # expanded against the agent's environment
+            "CODER": "from the template",  # the manifest wins over the agent's defaults
+        },
+        "vs_code_port_proxy_uri": "https://{{port}}.proxy.example",
+    }
+    with workspace(tmp_path, clientKeys, manifest) as (coderd, agent):
+        coderd.waitForLog(f"agent startup: version \\S+, directory {re.escape(str(home))}/project")
+        result = ssh(
+            agent,
+            clientKeys.key,
+            'pwd; echo "$EDITOR|$GREETING|$CODER|$VSCODE_PROXY_URI"; '
+            'echo "$CS_DISABLE_GETTING_STARTED_OVERRIDE|${CODER_AGENT_TOKEN-unset}"',
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().splitlines() == [
+            f"{home}/project",
+            f"vim|hello from {home}|from the template|https://{{{{port}}}}.proxy.example",
+            "true|unset",
+        ]
+        # A login shell on a terminal starts there too.
+        shell = ssh(
+            agent,
+            clientKeys.key,
+            options=["-tt"],
+            input=b'echo "DIR=$(pwd) EDITOR=$EDITOR"; exit\n',
+        )
+        assert f"DIR={home}/project EDITOR=vim\r\n".encode() in shell.stdout, shell.stdout
+        # SFTP stays rooted at the home directory, as upstream.
+        listing = subprocess.run(
+            ["sftp", *_sftpOptions(agent, clientKeys), "-b", "-", f"coder@{agent.host}"],
+            input=b"pwd\n",
+            capture_output=True,
+            timeout=60,
+        )
+        assert f"Remote working directory: {home}\n".encode() in listing.stdout, listing
+
+
+def test_a_missing_directory_falls_back_to_the_home(clientKeys: ClientKeys, tmp_path: Path) -> None:
+    home = tmp_path / "agent" / "home"
+    with workspace(tmp_path, clientKeys, {"directory": "/nonexistent/dir"}) as (coderd, agent):
+        coderd.waitForLog("agent startup: version \\S+, directory /nonexistent/dir")
+        result = ssh(agent, clientKeys.key, "pwd")
+        assert result.stdout == f"{home}\n".encode()
+
+
+def _sftpOptions(agent: Agent, clientKeys: ClientKeys) -> list[str]:
+    options = sshOptions(agent, clientKeys.key)
+    i = options.index("-p")
+    return [*options[:i], "-P", options[i + 1]]
