@@ -33,6 +33,9 @@ from coderagent.observe.status import AgentStatus
 from coderagent.options import Options
 from coderagent.policy import Policy
 from coderagent.reaper import Reaper
+from coderagent.scripts.logsender import LogSender
+from coderagent.scripts.runner import ScriptRunner, scriptBinDir
+from coderagent.scripts.timings import TimingReporter
 from coderagent.signals import GracefulSignals
 from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
@@ -84,7 +87,11 @@ def makeService(
     token = credentials.token or preflight.load(credentials.readToken, CredentialsError)
     hostKeyDir = options["ssh-host-key-dir"]
     hostKeys = preflight.load(lambda: loadHostKeys(hostKeyDir), HostKeyError)
-    workspace = WorkspaceEnvironment(agentEnvironment=environ, user=UserInfo.current(environ))
+    workspace = WorkspaceEnvironment(
+        agentEnvironment=environ,
+        user=UserInfo.current(environ),
+        scriptBinDir=scriptBinDir(options["script-data-dir"]),
+    )
     _, factory = _ssh(options, reactor, workspace, metrics, hostKeys)
     ssh = ListeningService(
         reactor=reactor,
@@ -109,7 +116,15 @@ def makeService(
     reporter.onManifest(lambda manifest, first: workspace.update(manifest))
     reporter.setServiceParent(coderd)
     _boundary(options, reactor, metrics, workspace, status, coderd).setServiceParent(coderd)
-    AgentLifecycle(reporter=reporter, ssh=ssh, coderd=coderd, clock=reactor).setServiceParent(top)
+    scripts = _scripts(options, reactor, metrics, workspace, status, coderd)
+    AgentLifecycle(
+        reporter=reporter,
+        ssh=ssh,
+        coderd=coderd,
+        clock=reactor,
+        scripts=scripts,
+        drains=[scripts.drain],
+    ).setServiceParent(top)
     Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
     status.add(
         "coderd",
@@ -171,6 +186,32 @@ def _ssh(
         metrics=metrics,
     )
     return context, factory
+
+
+def _scripts(
+    options: Mapping[str, Any],
+    reactor: Any,
+    metrics: AgentMetrics,
+    workspace: WorkspaceEnvironment,
+    status: AgentStatus,
+    coderd: CoderdClient,
+) -> ScriptRunner:
+    """The ``coder_script`` runner, and what carries its logs and timings to coderd."""
+    logs = LogSender(coderd, reactor, onDrop=metrics.scriptLogLinesDroppedBy)
+    logs.setServiceParent(coderd)
+    timings = TimingReporter(coderd, reactor)
+    timings.setServiceParent(coderd)
+    runner = ScriptRunner(
+        reactor=reactor,
+        workspace=workspace,
+        dataDirBase=options["script-data-dir"],
+        logDir=options["log-dir"],
+        logs=logs,
+        timings=timings,
+        metrics=metrics,
+    )
+    status.add("scripts", runner.status)
+    return runner
 
 
 def _boundary(

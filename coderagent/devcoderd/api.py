@@ -13,6 +13,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from google.protobuf import duration_pb2, empty_pb2, json_format
@@ -22,7 +23,7 @@ from twisted.logger import Logger, LogLevel
 
 from coderagent.coderd.api import RPCS
 from coderagent.coderd.drpcwire import DRPCError
-from coderagent.devcoderd.coderdlog import boundaryLines, formatFields, rpcLog
+from coderagent.devcoderd.coderdlog import boundaryLines, formatFields, rfc3339Nano, rpcLog
 from coderagent.devcoderd.scriptlogs import LOG_LIMIT, ScriptRecords
 from coderagent.devcoderd.workspace import Workspace
 from coderagent.observe.logs import humanLine
@@ -62,6 +63,8 @@ class DevAgentAPI:
         self.clock = clock
         self.out: IO[str] = out or sys.__stderr__ or sys.stderr
         self.lifecycle: list[int] = []
+        #: When the agent says each lifecycle state began (``changed_at``, Unix seconds).
+        self.lifecycleChangedAt: list[float] = []
         #: Every startup reported (the agent reports it on each connection).
         self.startups: list[agent_pb2.Startup] = []
         self.connections: list[agent_pb2.Connection] = []
@@ -121,6 +124,9 @@ class DevAgentAPI:
                 "owner_username": w.ownerUsername,
             },
             "lifecycle": [agent_pb2.Lifecycle.State.Name(s) for s in self.lifecycle],
+            "lifecycle_changed_at": [
+                rfc3339Nano(datetime.fromtimestamp(t, tz=UTC)) for t in self.lifecycleChangedAt
+            ],
             "startup": _json(self.startup) if self.startup is not None else None,
             "startups": len(self.startups),
             "connections": [_json(c) for c in self.connections[-KEEP_IN_STATE:]],
@@ -145,6 +151,7 @@ class DevAgentAPI:
     def updateLifecycle(self, request: agent_pb2.UpdateLifecycleRequest) -> Message:
         state = request.lifecycle.state
         self.lifecycle.append(state)
+        self.lifecycleChangedAt.append(request.lifecycle.changed_at.ToNanoseconds() / 1e9)
         log.info(
             "agent lifecycle: {state}", state=agent_pb2.Lifecycle.State.Name(state), state_id=state
         )
