@@ -20,6 +20,7 @@ from twisted.application.service import MultiService
 from coderagent.agentlifecycle import AgentLifecycle
 from coderagent.boundary.service import BoundaryService
 from coderagent.boundary.spool import Spool
+from coderagent.coderd.banners import AnnouncementBanners
 from coderagent.coderd.client import CoderdClient
 from coderagent.coderd.credentials import CredentialsError, checkCredentials
 from coderagent.coderd.lifecycle import Reporter
@@ -41,6 +42,7 @@ from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
 from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
+from coderagent.ssh.motd import LoginMessage
 from coderagent.ssh.session import SessionContext
 from coderagent.ssh.sftp import AgentSFTPServer
 from coderagent.startup import Preflight
@@ -92,7 +94,18 @@ def makeService(
         user=UserInfo.current(environ),
         scriptBinDir=scriptBinDir(options["script-data-dir"]),
     )
-    _, factory = _ssh(options, reactor, workspace, metrics, hostKeys)
+    coderd = CoderdClient(
+        url=credentials.url,
+        token=token,
+        headers=options["agent-header"],
+        headerCommand=options["agent-header-command"],
+        reactor=reactor,
+        environ=environ,
+    )
+    banners = AnnouncementBanners(coderd, reactor)
+    banners.setServiceParent(coderd)
+    login = LoginMessage(workspace, lambda: banners.current)
+    factory = _ssh(options, reactor, workspace, metrics, hostKeys, login)
     ssh = ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
@@ -104,14 +117,6 @@ def makeService(
     )
     status.add("ssh", lambda: {"connections": len(factory.connections)})
 
-    coderd = CoderdClient(
-        url=credentials.url,
-        token=token,
-        headers=options["agent-header"],
-        headerCommand=options["agent-header-command"],
-        reactor=reactor,
-        environ=environ,
-    )
     reporter = Reporter(coderd, workspace.expandDirectory, reactor)
     reporter.onManifest(lambda manifest, first: workspace.update(manifest))
     reporter.setServiceParent(coderd)
@@ -158,7 +163,8 @@ def _ssh(
     workspace: WorkspaceEnvironment,
     metrics: AgentMetrics,
     hostKeys: Callable[[], Mapping[bytes, Any]],
-) -> tuple[SessionContext, AgentSSHFactory]:
+    loginMessage: Callable[[], bytes],
+) -> AgentSSHFactory:
     """The SSH server: what its sessions see, and the factory (host keys load on start)."""
     policy = Policy(
         blockFileTransfer=options["block-file-transfer"],
@@ -173,6 +179,7 @@ def _ssh(
         workspace=workspace,
         sftpServer=AgentSFTPServer,
         metrics=metrics,
+        loginMessage=loginMessage,
     )
     factory = AgentSSHFactory(
         config=SSHConfig(
@@ -185,7 +192,7 @@ def _ssh(
         reactor=reactor,
         metrics=metrics,
     )
-    return context, factory
+    return factory
 
 
 def _scripts(

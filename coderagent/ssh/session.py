@@ -89,6 +89,8 @@ class SessionContext:
     workspace: WorkspaceEnvironment | None = None
     sftpServer: Callable[[str], ISFTPServer] | None = None
     metrics: AgentMetrics | None = None
+    #: What a login shell on a terminal prints first (banners, MOTD: ``ssh.motd``).
+    loginMessage: Callable[[], bytes] | None = None
 
     def __post_init__(self) -> None:
         if self.workspace is None:
@@ -330,6 +332,8 @@ class SessionChannel(channel.SSHChannel):
 
     def _spawn(self, command: str | None) -> None:
         transport = self.conn.transport.transport
+        if command is None and self.pty is not None and self.context.loginMessage is not None:
+            self.write(self.context.loginMessage())
         self.process = spawnSession(
             self.context,
             _SessionProcessProtocol(self),

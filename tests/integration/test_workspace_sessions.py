@@ -95,3 +95,31 @@ def _sftpOptions(agent: Agent, clientKeys: ClientKeys) -> list[str]:
     options = sshOptions(agent, clientKeys.key)
     i = options.index("-p")
     return [*options[:i], "-P", options[i + 1]]
+
+
+def test_login_shells_show_the_banners_then_the_motd(
+    clientKeys: ClientKeys, tmp_path: Path
+) -> None:
+    motd = tmp_path / "motd"
+    motd.write_bytes(b"Welcome to the workspace\r\nsecond line\nno newline at the end")
+    manifest = {
+        "motd_path": str(motd),
+        "banners": ["  Maintenance tonight at 22:00  ", "Two\nlines"],
+    }
+    banners = b"Maintenance tonight at 22:00\r\n\r\nTwo\r\nlines\r\n\r\n"
+    text = b"Welcome to the workspace\r\nsecond line\r\nno newline at the end\r\n"
+    home = tmp_path / "agent" / "home"
+    with workspace(tmp_path, clientKeys, manifest) as (_, agent):
+        login = ssh(agent, clientKeys.key, options=["-tt"], input=b"exit\n")
+        assert login.stdout.startswith(banners + text), login.stdout
+        # Not a login shell: a command, with or without a terminal, and a shell without one.
+        assert ssh(agent, clientKeys.key, "echo plain").stdout == b"plain\n"
+        tty = ssh(agent, clientKeys.key, "-tt", "echo tty")
+        assert tty.stdout == b"tty\r\n", tty.stdout
+        noTerminal = ssh(agent, clientKeys.key, options=["-T"], input=b"echo no terminal\n")
+        assert noTerminal.stdout == b"no terminal\n"
+        # ~/.hushlogin: the MOTD goes, the banners stay (as upstream).
+        (home / ".hushlogin").touch()
+        quiet = ssh(agent, clientKeys.key, options=["-tt"], input=b"exit\n")
+        assert quiet.stdout.startswith(banners), quiet.stdout
+        assert b"Welcome" not in quiet.stdout
