@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.agentproc import (
+    REPO,
     Agent,
     ClientKeys,
     Coderd,
@@ -123,3 +124,21 @@ def test_login_shells_show_the_banners_then_the_motd(
         quiet = ssh(agent, clientKeys.key, options=["-tt"], input=b"exit\n")
         assert quiet.stdout.startswith(banners), quiet.stdout
         assert b"Welcome" not in quiet.stdout
+
+
+def test_the_example_template_runs_as_the_readme_says(
+    clientKeys: ClientKeys, tmp_path: Path
+) -> None:
+    template = REPO / "examples" / "template.json"
+    with runningCoderd(tmp_path / "coderd", token="tok", extra=[f"--manifest={template}"]) as cd:
+        args = [f"--agent-url={cd.url}", "--agent-token=tok"]
+        with runningAgent(clientKeys, tmp_path / "agent", args) as agent:
+            cd.waitForLog("agent lifecycle: READY")
+            cd.waitForLog(r'script_log  source="Install hello-coder"  level=info  output="Done: ')
+            tool = ssh(agent, clientKeys.key, "hello-coder")
+            assert tool.stdout.startswith(b"Hello from a tool a coder_script installed"), tool
+            login = ssh(agent, clientKeys.key, options=["-tt"], input=b"exit\n")
+            assert login.stdout.startswith(b"This is coderagent's example template"), login
+            assert b"\r\nWelcome to the coderagent example workspace.\r\n" in login.stdout
+        cd.waitForLog(r'script_completed  script="Save state"  stage=STOP  status=OK')
+        cd.waitForLog("agent lifecycle: OFF")
