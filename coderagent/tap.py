@@ -118,6 +118,7 @@ def makeService(
     status.add("ssh", lambda: {"connections": len(factory.connections)})
 
     reporter = Reporter(coderd, workspace.expandDirectory, reactor)
+    # First of the manifest's listeners: the scripts that AgentLifecycle starts see it.
     reporter.onManifest(lambda manifest, first: workspace.update(manifest))
     reporter.setServiceParent(coderd)
     _boundary(options, reactor, metrics, workspace, status, coderd).setServiceParent(coderd)
