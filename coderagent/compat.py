@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.conch.ssh.transport import SSHServerTransport, SSHTransportBase
-from twisted.internet import tcp, unix
+from twisted.internet import process, tcp, unix
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
@@ -150,6 +150,35 @@ class PrivateLogFile(LogFile):
 
 def reactorChildren() -> set[int]:
     """PIDs of the child processes the reactor started and has yet to reap."""
-    from twisted.internet import process
-
     return set(process.reapProcessHandlers)
+
+
+class _SessionLeader(process.Process):
+    """A ``process.Process`` whose child calls ``setsid()`` (see :func:`spawnInNewSession`)."""
+
+    def _trySpawnInsteadOfFork(self, *args: Any, **kw: Any) -> bool:
+        return False
+
+    def _setupChild(self, *args: Any, **kw: Any) -> None:
+        os.setsid()
+        super()._setupChild(*args, **kw)
+
+
+def spawnInNewSession(
+    reactor: Any,
+    protocol: Any,
+    executable: str,
+    args: list[str],
+    env: dict[str, str],
+    path: str | None,
+) -> Any:
+    """``reactor.spawnProcess`` (pipes for 0, 1 and 2), but the child calls ``setsid()``.
+
+    The child leads a process group of its own, so everything it starts can
+    be signalled at once (``os.killpg(pid, …)``), as upstream does to a
+    script that times out.  ``process.Process`` is what the reactor builds;
+    this subclass forks instead of using ``posix_spawnp`` (which Twisted
+    calls without ``setsid``) and starts the session in the child before
+    Twisted sets up the child's descriptors.
+    """
+    return _SessionLeader(reactor, executable, args, env, path, protocol)

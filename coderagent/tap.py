@@ -3,9 +3,10 @@
 Wiring only: each concept is built by its own package (``ssh``, ``policy``,
 ``coderd``, ``boundary``, ``observe``, ``control``), which also does its own
 I/O when its service starts (host keys, the token file, log files, the
-spool), never here.  Everything goes into one ``MultiService``: the SSH
-server first (it serves whether or not coderd is reachable), then the coderd
-client with the services that talk through it as its children.
+spool), never here.  Everything goes into one ``MultiService``; the SSH
+server (it serves whether or not coderd is reachable) and the coderd client
+(with the services that talk through it as its children) are started, and
+stopped in upstream's order, by :class:`~coderagent.agentlifecycle.AgentLifecycle`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 
 from twisted.application.service import MultiService
 
+from coderagent.agentlifecycle import AgentLifecycle
 from coderagent.boundary.service import BoundaryService
 from coderagent.boundary.spool import Spool
+from coderagent.coderd.banners import AnnouncementBanners
 from coderagent.coderd.client import CoderdClient
 from coderagent.coderd.credentials import CredentialsError, checkCredentials
-from coderagent.coderd.lifecycle import Reporter, sessionVariables
+from coderagent.coderd.lifecycle import Reporter
 from coderagent.control.server import controlSocket
 from coderagent.descriptors import DescriptorReserve, OpenFileLimit
 from coderagent.listening import ListeningService
@@ -33,18 +36,22 @@ from coderagent.options import Options
 from coderagent.policy import Policy
 from coderagent.policy.reload import PolicyFileService
 from coderagent.reaper import Reaper
+from coderagent.scripts.logsender import LogSender
+from coderagent.scripts.runner import ScriptRunner, scriptBinDir
+from coderagent.scripts.timings import TimingReporter
 from coderagent.signals import GracefulSignals
 from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
-from coderagent.ssh.environment import UserInfo
 from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
 from coderagent.ssh.forwarding import recheckReverseForwards
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
 from coderagent.ssh.limits import SSHLimits
+from coderagent.ssh.motd import LoginMessage
 from coderagent.ssh.session import SessionContext
 from coderagent.ssh.sftp import AgentSFTPServer
 from coderagent.startup import Preflight
 from coderagent.unixsocket import ServedSockets
+from coderagent.workspaceenv import UserInfo, WorkspaceEnvironment
 
 __all__ = ["Options", "makeService"]
 
@@ -90,28 +97,11 @@ def makeService(
     token = credentials.token or preflight.load(credentials.readToken, CredentialsError)
     hostKeyDir = options["ssh-host-key-dir"]
     hostKeys = preflight.load(lambda: loadHostKeys(hostKeyDir), HostKeyError)
-    context, factory = _ssh(options, reactor, environ, metrics, hostKeys, served)
-    if options["forwarding-policy-file"]:
-        PolicyFileService(
-            options["forwarding-policy-file"],
-            context.policy,
-            reactor=reactor,
-            onLoaded=lambda rules, when: metrics.policyLoadedNow(rules.digest, rules.mode, when),
-            onError=metrics.policyReloadErrors.inc,
-            onChange=lambda: recheckReverseForwards(factory.connections),
-        ).setServiceParent(top)  # before the SSH server: it listens under the policy
-    ListeningService(
-        reactor=reactor,
-        description=options["ssh-endpoint"],
-        factory=factory,
-        what="SSH server",
-        required=True,
-        drain=factory.shutdown,
-        prepare=factory.loadHostKeys,
-    ).setServiceParent(top)
-    status.add("ssh", lambda: {"connections": len(factory.connections)})
-    Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
-
+    workspace = WorkspaceEnvironment(
+        agentEnvironment=environ,
+        user=UserInfo.current(environ),
+        scriptBinDir=scriptBinDir(options["script-data-dir"]),
+    )
     coderd = CoderdClient(
         url=credentials.url,
         token=token,
@@ -120,11 +110,52 @@ def makeService(
         reactor=reactor,
         environ=environ,
     )
-    reporter = Reporter(coderd, environ, reactor)
-    reporter.onManifest(lambda manifest: context.overrides.update(sessionVariables(manifest)))
+    banners = AnnouncementBanners(coderd, reactor)
+    banners.setServiceParent(coderd)
+    login = LoginMessage(workspace, lambda: banners.current)
+    policy = Policy(
+        blockFileTransfer=options["block-file-transfer"],
+        blockLocalPortForwarding=options["block-local-port-forwarding"],
+        blockReversePortForwarding=options["block-reverse-port-forwarding"],
+    )
+    factory = _ssh(options, reactor, policy, workspace, metrics, hostKeys, login, served)
+    if options["forwarding-policy-file"]:
+        PolicyFileService(
+            options["forwarding-policy-file"],
+            policy,
+            reactor=reactor,
+            onLoaded=lambda rules, when: metrics.policyLoadedNow(rules.digest, rules.mode, when),
+            onError=metrics.policyReloadErrors.inc,
+            onChange=lambda: recheckReverseForwards(factory.connections),
+        ).setServiceParent(top)  # loaded before the SSH server starts: it listens under it
+    ssh = ListeningService(
+        reactor=reactor,
+        description=options["ssh-endpoint"],
+        factory=factory,
+        what="SSH server",
+        required=True,
+        drain=factory.shutdown,
+        prepare=factory.loadHostKeys,
+    )
+    status.add("ssh", lambda: {"connections": len(factory.connections)})
+
+    reporter = Reporter(coderd, workspace.expandDirectory, reactor)
+    # First of the manifest's listeners: the scripts that AgentLifecycle starts see it.
+    reporter.onManifest(lambda manifest, first: workspace.update(manifest))
     reporter.setServiceParent(coderd)
-    _boundary(options, reactor, metrics, context, status, coderd, served).setServiceParent(coderd)
-    coderd.setServiceParent(top)
+    _boundary(options, reactor, metrics, workspace, status, coderd, served).setServiceParent(
+        coderd
+    )
+    scripts = _scripts(options, reactor, metrics, workspace, status, coderd)
+    AgentLifecycle(
+        reporter=reporter,
+        ssh=ssh,
+        coderd=coderd,
+        clock=reactor,
+        scripts=scripts,
+        drains=[scripts.drain],
+    ).setServiceParent(top)
+    Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
     status.add(
         "coderd",
         lambda: {
@@ -156,24 +187,23 @@ def makeService(
 def _ssh(
     options: Mapping[str, Any],
     reactor: Any,
-    environ: dict[str, str],
+    policy: Policy,
+    workspace: WorkspaceEnvironment,
     metrics: AgentMetrics,
     hostKeys: Callable[[], Mapping[bytes, Any]],
+    loginMessage: Callable[[], bytes],
     served: ServedSockets,
-) -> tuple[SessionContext, AgentSSHFactory]:
+) -> AgentSSHFactory:
     """The SSH server: what its sessions see, and the factory (host keys load on start)."""
-    policy = Policy(
-        blockFileTransfer=options["block-file-transfer"],
-        blockLocalPortForwarding=options["block-local-port-forwarding"],
-        blockReversePortForwarding=options["block-reverse-port-forwarding"],
-    )
     context = SessionContext(
         policy=policy,
         reactor=reactor,
-        user=UserInfo.current(environ),
-        agentEnvironment=environ,
+        user=workspace.user,
+        agentEnvironment=workspace.agentEnvironment,
+        workspace=workspace,
         sftpServer=AgentSFTPServer,
         metrics=metrics,
+        loginMessage=loginMessage,
         servedSockets=served,
         limits=SSHLimits(
             maxSessions=options["ssh-max-sessions"],
@@ -194,14 +224,40 @@ def _ssh(
         reactor=reactor,
         metrics=metrics,
     )
-    return context, factory
+    return factory
+
+
+def _scripts(
+    options: Mapping[str, Any],
+    reactor: Any,
+    metrics: AgentMetrics,
+    workspace: WorkspaceEnvironment,
+    status: AgentStatus,
+    coderd: CoderdClient,
+) -> ScriptRunner:
+    """The ``coder_script`` runner, and what carries its logs and timings to coderd."""
+    logs = LogSender(coderd, reactor, onDrop=metrics.scriptLogLinesDroppedBy)
+    logs.setServiceParent(coderd)
+    timings = TimingReporter(coderd, reactor)
+    timings.setServiceParent(coderd)
+    runner = ScriptRunner(
+        reactor=reactor,
+        workspace=workspace,
+        dataDirBase=options["script-data-dir"],
+        logDir=options["log-dir"],
+        logs=logs,
+        timings=timings,
+        metrics=metrics,
+    )
+    status.add("scripts", runner.status)
+    return runner
 
 
 def _boundary(
     options: Mapping[str, Any],
     reactor: Any,
     metrics: AgentMetrics,
-    context: SessionContext,
+    workspace: WorkspaceEnvironment,
     status: AgentStatus,
     coderd: CoderdClient,
     served: ServedSockets,
@@ -222,7 +278,7 @@ def _boundary(
         reactor=reactor,
         socketPath=socketPath,
         served=served,
-        announce=lambda path: context.overrides.update(CODER_BOUNDARY_LOG_SOCKET=path),
+        announce=lambda path: workspace.setVariable("CODER_BOUNDARY_LOG_SOCKET", path),
     )
     status.add(
         "boundary",

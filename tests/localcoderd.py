@@ -9,7 +9,11 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.test import iosim
+from zope.interface import implementer
 
 from coderagent.devcoderd.api import DevAgentAPI
 from coderagent.devcoderd.server import DevCoderdFactory
@@ -21,10 +25,10 @@ TOKEN = "dev-token"
 class Coderd:
     """coderd-dev's server side on an ephemeral port."""
 
-    def __init__(self, workspace: Workspace | None = None) -> None:
+    def __init__(self, workspace: Workspace | None = None, **api: Any) -> None:
         #: coderd's boundary_request lines, as they would reach its stderr.
         self.lines = io.StringIO()
-        self.api = DevAgentAPI(workspace or Workspace(), out=self.lines)
+        self.api = DevAgentAPI(workspace or Workspace(), out=self.lines, **api)
         from twisted.internet import reactor
 
         self.factory = DevCoderdFactory(self.api, TOKEN, reactor)
@@ -68,3 +72,29 @@ class Coderd:
                 proto.transport.abortConnection()
             except AttributeError:
                 pass  # Twisted's TLS transport cannot abort once it is closed
+
+
+@implementer(IStreamClientEndpoint)
+class Loopback:
+    """Connects to coderd-dev's factory in memory; bytes move only when the test pumps."""
+
+    def __init__(self, server: DevCoderdFactory, clock: task.Clock) -> None:
+        self.server = server
+        self.clock = clock
+        self.pumps: list[iosim.IOPump] = []
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        client = factory.buildProtocol(None)
+        server = self.server.buildProtocol(None)
+        assert client is not None
+        self.pumps.append(
+            iosim.connect(
+                server,
+                iosim.makeFakeServer(server),
+                client,
+                iosim.makeFakeClient(client),
+                greet=False,
+                clock=self.clock,
+            )
+        )
+        return defer.succeed(client)

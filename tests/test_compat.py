@@ -254,6 +254,34 @@ def test_the_reactors_children_are_known_until_reaped() -> Iterator[Deferred[Any
     assert child.pid not in compat.reactorChildren()
 
 
+class _Output(_Ended):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_child_spawned_in_a_new_session_leads_its_own_group() -> Iterator[Deferred[Any]]:
+    from twisted.internet import reactor
+
+    protocol = _Output()
+    # /proc/self/stat of the shell: fields 5 and 6 (after the command) are pgrp and sid.
+    script = 'read -r stat < /proc/self/stat; set -- ${stat##*) }; echo "$$ $3 $4"; cat'
+    child = compat.spawnInNewSession(
+        reactor, protocol, "/bin/sh", ["sh", "-c", script], {"PATH": "/bin:/usr/bin"}, "/"
+    )
+    assert child.pid in compat.reactorChildren()
+    child.write(b"through stdin\n")
+    child.closeStdin()
+    yield protocol.ended
+    pid, pgrp, sid = protocol.out.split(b"\n")[0].split()
+    assert pid == pgrp == sid != str(os.getpid()).encode()
+    assert protocol.out.endswith(b"through stdin\n")
+
+
 # -- log namespaces -----------------------------------------------------------------
 
 

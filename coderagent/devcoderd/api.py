@@ -1,7 +1,8 @@
 """coderd's agent RPCs, answered from the workspace and recorded in memory.
 
 :class:`DevAgentAPI` is coderd-dev's whole state: what the agent reported
-(lifecycle, startup, connections, stats, logs, boundary logs, ...), readable
+(lifecycle, startups, connections, stats, script logs per source and
+timings, boundary logs, ...), readable
 by tests in the same process (``when``) and by a person through
 ``--state-file`` (:meth:`DevAgentAPI.state`).
 """
@@ -12,6 +13,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from google.protobuf import duration_pb2, empty_pb2, json_format
@@ -21,7 +23,8 @@ from twisted.logger import Logger, LogLevel
 
 from coderagent.coderd.api import RPCS
 from coderagent.coderd.drpcwire import DRPCError
-from coderagent.devcoderd.coderdlog import boundaryLines, formatFields, rpcLog
+from coderagent.devcoderd.coderdlog import boundaryLines, formatFields, rfc3339Nano, rpcLog
+from coderagent.devcoderd.scriptlogs import LOG_LIMIT, ScriptRecords
 from coderagent.devcoderd.workspace import Workspace
 from coderagent.observe.logs import humanLine
 from coderagent.pb import agent_pb2
@@ -51,17 +54,22 @@ class DevAgentAPI:
         workspace: Workspace,
         clock: Callable[[], float] = time.time,
         out: IO[str] | None = None,
+        logLimit: int = LOG_LIMIT,
     ) -> None:
-        """``out`` receives the ``boundary_request`` lines (default: the process's stderr,
-        not whatever twistd later puts in ``sys.stderr``)."""
+        """``out`` receives the ``boundary_request`` and script lines (default: the
+        process's stderr, not whatever twistd later puts in ``sys.stderr``);
+        ``logLimit`` is coderd's bound on the agent's script logs."""
         self.workspace = workspace
         self.clock = clock
         self.out: IO[str] = out or sys.__stderr__ or sys.stderr
         self.lifecycle: list[int] = []
-        self.startup: agent_pb2.Startup | None = None
+        #: When the agent says each lifecycle state began (``changed_at``, Unix seconds).
+        self.lifecycleChangedAt: list[float] = []
+        #: Every startup reported (the agent reports it on each connection).
+        self.startups: list[agent_pb2.Startup] = []
         self.connections: list[agent_pb2.Connection] = []
         self.stats: list[agent_pb2.Stats] = []
-        self.logs: list[agent_pb2.Log] = []
+        self.scripts = ScriptRecords(workspace, lambda: self.out, clock, logLimit)
         self.boundaryLogs = 0
         self._boundarySessions: set[str] = set()
         #: The latest ReportBoundaryLogs requests accepted, in order (for tests and inspection).
@@ -78,6 +86,7 @@ class DevAgentAPI:
             ("ReportConnection", self.reportConnection),
             ("BatchCreateLogs", self.batchCreateLogs),
             ("GetAnnouncementBanners", self.getAnnouncementBanners),
+            ("ScriptCompleted", self.scripts.scriptCompleted),
             ("UpdateStats", self.updateStats),
             ("ReportBoundaryLogs", self.reportBoundaryLogs),
         ):
@@ -115,12 +124,26 @@ class DevAgentAPI:
                 "owner_username": w.ownerUsername,
             },
             "lifecycle": [agent_pb2.Lifecycle.State.Name(s) for s in self.lifecycle],
+            "lifecycle_changed_at": [
+                rfc3339Nano(datetime.fromtimestamp(t, tz=UTC)) for t in self.lifecycleChangedAt
+            ],
             "startup": _json(self.startup) if self.startup is not None else None,
+            "startups": len(self.startups),
             "connections": [_json(c) for c in self.connections[-KEEP_IN_STATE:]],
             "stats": [_json(s) for s in self.stats[-KEEP_IN_STATE:]],
-            "logs": [_json(entry) for entry in self.logs[-KEEP_IN_STATE:]],
+            **self.scripts.state(KEEP_IN_STATE),
             "boundary": {"logs": self.boundaryLogs, "sessions": len(self._boundarySessions)},
         }
+
+    @property
+    def startup(self) -> agent_pb2.Startup | None:
+        """The startup the agent reported last."""
+        return self.startups[-1] if self.startups else None
+
+    @property
+    def logs(self) -> list[agent_pb2.Log]:
+        """Every script log line taken (all sources)."""
+        return self.scripts.logs
 
     def getManifest(self, request: agent_pb2.GetManifestRequest) -> Message:
         return self.workspace.manifest()
@@ -128,13 +151,14 @@ class DevAgentAPI:
     def updateLifecycle(self, request: agent_pb2.UpdateLifecycleRequest) -> Message:
         state = request.lifecycle.state
         self.lifecycle.append(state)
+        self.lifecycleChangedAt.append(request.lifecycle.changed_at.ToNanoseconds() / 1e9)
         log.info(
             "agent lifecycle: {state}", state=agent_pb2.Lifecycle.State.Name(state), state_id=state
         )
         return request.lifecycle
 
     def updateStartup(self, request: agent_pb2.UpdateStartupRequest) -> Message:
-        self.startup = request.startup
+        self.startups.append(request.startup)
         log.info(
             "agent startup: version {version}, directory {directory}",
             version=request.startup.version or '""',
@@ -154,8 +178,7 @@ class DevAgentAPI:
         return empty_pb2.Empty()
 
     def batchCreateLogs(self, request: agent_pb2.BatchCreateLogsRequest) -> Message:
-        self.logs.extend(request.logs)
-        return agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=False)
+        return self.scripts.batchCreateLogs(request)
 
     def getAnnouncementBanners(self, request: agent_pb2.GetAnnouncementBannersRequest) -> Message:
         return agent_pb2.GetAnnouncementBannersResponse(

@@ -44,6 +44,8 @@ BOUNDARY_LOG_DROP_REASONS = (
     "boundary_channel_full",
     "boundary_batch_full",
 )
+#: ``reason`` values of ``agent_scripts_log_lines_dropped_total`` (ours).
+SCRIPT_LOG_DROP_REASONS = ("queue_full", "too_long", "limit_exceeded", "rejected")
 #: ``reason`` values of ``agent_boundary_log_proxy_frames_rejected_total`` (ours).
 BOUNDARY_FRAME_REJECT_REASONS = ("unsupported_tag", "too_large", "undecodable", "stalled")
 
@@ -169,6 +171,26 @@ class AgentMetrics:
             self.boundaryLogsDropped.labels(reason)
         for reason in BOUNDARY_FRAME_REJECT_REASONS:
             self.boundaryFramesRejected.labels(reason)
+        self.scriptsExecuted = Counter(
+            "agent_scripts_executed",
+            "Runs of the workspace's scripts (start, stop and cron), by whether they succeeded.",
+            ["success"],
+            registry=self.registry,
+        )
+        self.startupScriptSeconds = Gauge(
+            "agent_startup_script_seconds",
+            "How long the start scripts took, by whether they all succeeded.",
+            ["success"],
+            registry=self.registry,
+        )
+        self.scriptLogLinesDropped = Counter(
+            "agent_scripts_log_lines_dropped",
+            "Lines of script output not sent to coderd, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in SCRIPT_LOG_DROP_REASONS:
+            self.scriptLogLinesDropped.labels(reason)
         self._spooled = {
             name: Gauge(
                 f"agent_boundary_log_proxy_spooled_{name}",
@@ -192,6 +214,10 @@ class AgentMetrics:
             self.boundaryBatchesDropped.labels(reason).inc(batches)
         if logs:
             self.boundaryLogsDropped.labels(reason).inc(logs)
+
+    def scriptLogLinesDroppedBy(self, reason: str, lines: int) -> None:
+        """Count lines of script output coderd will not get."""
+        self.scriptLogLinesDropped.labels(reason).inc(lines)
 
     def watchSpool(
         self, batches: Callable[[], int], logs: Callable[[], int], size: Callable[[], int]

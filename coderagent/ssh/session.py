@@ -57,6 +57,7 @@ from coderagent.ssh.requests import (
 from coderagent.ssh.spawn import resizeTerminal, spawnSession
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 from coderagent.unixsocket import ServedSockets
+from coderagent.workspaceenv import WorkspaceEnvironment
 
 log = Logger()
 
@@ -87,16 +88,15 @@ SESSION_ERROR_EXIT_STATUS = 229
 class SessionContext:
     """Everything a session needs from the rest of the agent.
 
-    ``overrides`` is a live mapping: services that learn something later (the
-    manifest, the boundary socket path) update it and new sessions see it.
+    ``workspace`` is live: services that learn something later (the manifest,
+    the boundary socket path) update it and new sessions see it.
     """
 
     policy: Policy
     reactor: Any
     user: UserInfo
     agentEnvironment: Mapping[str, str]
-    defaults: Mapping[str, str] = field(default_factory=lambda: {"CODER": "true"})
-    overrides: dict[str, str] = field(default_factory=dict)
+    workspace: WorkspaceEnvironment | None = None
     sftpServer: Callable[[str], ISFTPServer] | None = None
     metrics: AgentMetrics | None = None
     #: The agent's own socket paths, which forwards may not take.
@@ -105,6 +105,12 @@ class SessionContext:
     limits: SSHLimits = field(default_factory=SSHLimits)
     #: The descriptors forwarding must leave free (None: not enforced).
     descriptors: DescriptorReserve | None = None
+    #: What a login shell on a terminal prints first (banners, MOTD: ``ssh.motd``).
+    loginMessage: Callable[[], bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if self.workspace is None:
+            self.workspace = WorkspaceEnvironment(self.agentEnvironment, self.user)
 
 
 class _SessionProcessProtocol(ProcessProtocol):
@@ -353,6 +359,8 @@ class SessionChannel(channel.SSHChannel):
 
     def _spawn(self, command: str | None) -> None:
         transport = self.conn.transport.transport
+        if command is None and self.pty is not None and self.context.loginMessage is not None:
+            self.write(self.context.loginMessage())
         self.process = spawnSession(
             self.context,
             _SessionProcessProtocol(self),

@@ -3,7 +3,8 @@
 The session channel (:mod:`coderagent.ssh.session`) decides *whether* and
 *what* to run; this module knows *how*: ``$SHELL -l`` for a shell and
 ``$SHELL -c <command>`` for exec (never a string built from client input),
-in the user's home, with the environment of
+in the workspace's working directory (the manifest's ``directory``, else the
+home directory), with the environment of
 :func:`~coderagent.ssh.environment.sessionEnvironment`, and with a PTY set to
 the client's size and terminal modes when one was asked for.
 """
@@ -76,18 +77,16 @@ def spawnSession(
     shell = ctx.user.shell
     argv = [shell, "-l"] if command is None else [shell, "-c", command]
     envArgs: dict[str, Any] = dict(
-        agentEnvironment=ctx.agentEnvironment,
+        workspace=ctx.workspace,
         clientEnvironment=clientEnvironment,
-        user=ctx.user,
-        defaults=ctx.defaults,
-        overrides=ctx.overrides,
         peer=(getattr(peer, "host", _NO_ADDRESS), getattr(peer, "port", 0)),
         local=(getattr(local, "host", _NO_ADDRESS), getattr(local, "port", 0)),
     )
+    directory = ctx.workspace.workingDirectory()
     if pty is None:
         env = sessionEnvironment(**envArgs)
         process: IProcessTransport = ctx.reactor.spawnProcess(
-            protocol, shell, argv, env=env, path=ctx.user.home, usePTY=False
+            protocol, shell, argv, env=env, path=directory, usePTY=False
         )
         return process
     master, slave = os.openpty()
@@ -101,7 +100,7 @@ def spawnSession(
             shell,
             argv,
             env=env,
-            path=ctx.user.home,
+            path=directory,
             usePTY=(master, slave, ttyName),
         )
     except BaseException:
