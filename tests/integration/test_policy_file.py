@@ -55,8 +55,10 @@ def stdio(agent: Agent, key: Path, target: str) -> subprocess.CompletedProcess[b
 def prohibited(done: subprocess.CompletedProcess[bytes], reason: str) -> bool:
     """Refused by the agent's policy, with ``reason`` in what OpenSSH printed."""
     text = done.stderr.decode()
-    return done.returncode == 255 and "open failed: administratively prohibited: " in text and (
-        reason in text
+    return (
+        done.returncode == 255
+        and "open failed: administratively prohibited: " in text
+        and (reason in text)
     )
 
 
@@ -320,3 +322,53 @@ def test_an_invalid_reload_keeps_the_policy(clientKeys: ClientKeys, tmp_path: Pa
 def sockdir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="pr", dir="/tmp") as d:
         yield Path(d)
+
+
+def command(
+    agent: Agent, key: Path, *options: str, run: str | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """``ssh [options] host [run]`` with nothing on stdin."""
+    return subprocess.run(
+        ["ssh", *clientOptions(agent, key), *options, f"coder@{agent.host}"]
+        + ([run] if run is not None else []),
+        input=b"",
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
+
+
+def test_no_pty_refuses_the_terminal_and_not_the_session(keys: ClientKeys, tmp_path: Path) -> None:
+    key = Path(f"{keys.key}.pub").read_text().strip()
+    keys.authorizedKeys.write_text(f"no-pty {key}\n")
+    with runningAgent(keys, tmp_path / "agent") as agent:
+        # OpenSSH gives up when a terminal it insisted on (-tt) is refused, as with sshd.
+        forced = command(agent, keys.key, "-tt", run="true")
+        assert forced.returncode == 255
+        assert b"PTY allocation request failed on channel 0" in forced.stderr
+        agent.waitForLog(r"pty-req refused for .*: refused by the key's options \(no-pty\)")
+        plain = command(agent, keys.key, "-T", run="tty; echo status=$?")
+        assert (plain.returncode, plain.stdout) == (0, b"not a tty\nstatus=1\n"), plain.stderr
+
+
+def test_a_forced_command_runs_instead_and_sees_what_was_asked(
+    keys: ClientKeys, tmp_path: Path
+) -> None:
+    forced = Path(f"{keys.otherKey}.pub").read_text().strip()
+    keys.authorizedKeys.write_text(
+        keys.authorizedKeys.read_text()
+        + f'command="printf \'[%s]\' \\"${{SSH_ORIGINAL_COMMAND-unset}}\\"" {forced}\n'
+    )
+    with runningAgent(keys, tmp_path / "agent") as agent:
+        asked = command(agent, keys.otherKey, run="echo hi; rm -rf x")
+        assert (asked.returncode, asked.stdout) == (0, b"[echo hi; rm -rf x]"), asked.stderr
+        shell = command(agent, keys.otherKey, "-T")
+        assert (shell.returncode, shell.stdout) == (0, b"[unset]"), shell.stderr
+        sftp = subprocess.run(
+            ["sftp", "-b", "-", *clientOptions(agent, keys.otherKey), f"coder@{agent.host}"],
+            input=b"ls\n",
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
+        assert sftp.returncode != 0  # the forced command answered, not an SFTP server
+        plain = command(agent, keys.key, run="echo ${SSH_ORIGINAL_COMMAND-unset}")
+        assert plain.stdout == b"unset\n", plain.stderr
