@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from coderagent.netaddr import resolve
 from coderagent.policy import explain
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
@@ -21,7 +22,7 @@ def run(*args: str, resolver: explain.Resolver | None = None) -> tuple[int, list
     explain.addParser(parser.add_subparsers(dest="command"))
     lines: list[str] = []
     parsed = parser.parse_args(["policy", *args])
-    code = explain.run(parsed, lines.append, resolver or explain.resolve)
+    code = explain.run(parsed, lines.append, resolver or resolve)
     return code, lines
 
 

@@ -9,28 +9,17 @@ it resolves the name and decides for each address, as the agent does before it c
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from coderagent.netaddr import splitHostPort
+from coderagent.netaddr import resolve, splitHostPort
 from coderagent.policy.engine import Decision, Policy, normalisePath
 from coderagent.policy.keyoptions import KeyOptionError, KeyOptions, parseKeyOptions
 from coderagent.policy.policyfile import PolicyFileError, loadPolicy
 from coderagent.policy.rules import SECTIONS
 
 Resolver = Callable[[str, int], Sequence[str]]
-
-
-def resolve(host: str, port: int) -> list[str]:
-    """The addresses ``host`` resolves to, in the system resolver's order, without repeats."""
-    seen: list[str] = []
-    for *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        address = str(sockaddr[0])
-        if address not in seen:
-            seen.append(address)
-    return seen
 
 
 def addParser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

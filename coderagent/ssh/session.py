@@ -109,6 +109,8 @@ class SessionContext:
     descriptors: DescriptorReserve | None = None
     #: What a login shell on a terminal prints first (banners, MOTD: ``ssh.motd``).
     loginMessage: Callable[[], bytes] | None = None
+    #: How forwarding resolves a host name (blocking, run in a thread; ``netaddr.resolve``).
+    resolver: Callable[[str, int], list[str]] | None = None
 
     def __post_init__(self) -> None:
         if self.workspace is None:

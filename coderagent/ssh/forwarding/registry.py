@@ -18,10 +18,11 @@ from twisted.conch.ssh.connection import (
     SSHConnection,
 )
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from coderagent.netaddr import UNKNOWN, describePeer
+from coderagent.netaddr import UNKNOWN, describePeer, resolve
 from coderagent.policy.engine import normalisePath
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 
@@ -72,6 +73,14 @@ class Forwards:
     @property
     def reactor(self) -> Any:
         return self.context.reactor
+
+    def resolve(self, host: str, port: int) -> Deferred[list[str]]:
+        """What ``host`` resolves to, looked up in the reactor's thread pool with the
+        context's resolver (a test brings its own; the agent's is the system's)."""
+        resolver = getattr(self.context, "resolver", None) or resolve
+        pool = self.reactor.getThreadPool()
+        found: Deferred[list[str]] = deferToThreadPool(self.reactor, pool, resolver, host, port)
+        return found
 
     def peer(self) -> str:
         """The SSH client's address, for log lines."""

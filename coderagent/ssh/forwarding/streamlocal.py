@@ -66,6 +66,7 @@ from coderagent.unixsocket import SUN_PATH_MAX, PrivateUnixPort, fitsSunPath, re
 
 log = Logger()
 
+
 def displayPath(path: str) -> str:
     """``path`` made safe to log and to put on the wire (undecodable bytes replaced)."""
     return os.fsencode(path).decode("utf-8", "replace")

@@ -24,7 +24,6 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -71,9 +70,9 @@ class _Listener:
         return closing
 
 
-def _addresses(reactor: Any, host: str, port: int) -> Deferred[list[str]]:
+def _addresses(f: Forwards, host: str, port: int) -> Deferred[list[str]]:
     """The addresses a forward to ``host`` may connect to: itself if it is an address,
-    else what it resolves to (getaddrinfo in the reactor's thread pool), in order.
+    else what the session context's resolver finds, in order.
 
     The policy decides on these, and only these are connected to: no second
     lookup between the decision and the connect.
@@ -81,21 +80,12 @@ def _addresses(reactor: Any, host: str, port: int) -> Deferred[list[str]]:
     if isIPAddress(host) or isIPv6Address(host):
         return succeed([host])
 
-    def lookup() -> list[str]:
-        found: list[str] = []
-        for *_, sockaddr in socket.getaddrinfo(host or "localhost", port, 0, socket.SOCK_STREAM):
-            address = str(sockaddr[0])
-            if address not in found:
-                found.append(address)
-        return found
-
     def failed(reason: Failure) -> Failure:
         if reason.check(socket.gaierror, UnicodeError):
             return Failure(error.DNSLookupError(host))
         return reason
 
-    resolving = deferToThreadPool(reactor, reactor.getThreadPool(), lookup)
-    return resolving.addErrback(failed)
+    return f.resolve(host, port).addErrback(failed)
 
 
 def _endpointsFor(reactor: Any, addresses: list[str], port: int) -> list[IStreamClientEndpoint]:
@@ -170,7 +160,7 @@ class TCPForwarding:
             log.info("direct-tcpip from {peer} failed: {message}", peer=f.peer(), message=message)
             return Failure(ConchError(message, connection.OPEN_CONNECT_FAILED))
 
-        return _addresses(f.reactor, host, port).addCallback(decide).addErrback(unresolved)
+        return _addresses(f, host, port).addCallback(decide).addErrback(unresolved)
 
     # -- tcpip-forward / cancel-tcpip-forward ---------------------------------
 
