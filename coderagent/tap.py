@@ -34,6 +34,7 @@ from coderagent.observe.servers import httpServers
 from coderagent.observe.status import AgentStatus
 from coderagent.options import Options
 from coderagent.policy import Policy
+from coderagent.policy.reload import PolicyFileService
 from coderagent.reaper import Reaper
 from coderagent.scripts.logsender import LogSender
 from coderagent.scripts.runner import ScriptRunner, scriptBinDir
@@ -42,6 +43,7 @@ from coderagent.signals import GracefulSignals
 from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
 from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
+from coderagent.ssh.forwarding import recheckReverseForwards
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
 from coderagent.ssh.limits import SSHLimits
 from coderagent.ssh.motd import LoginMessage
@@ -111,7 +113,21 @@ def makeService(
     banners = AnnouncementBanners(coderd, reactor)
     banners.setServiceParent(coderd)
     login = LoginMessage(workspace, lambda: banners.current)
-    factory = _ssh(options, reactor, workspace, metrics, hostKeys, login, served)
+    policy = Policy(
+        blockFileTransfer=options["block-file-transfer"],
+        blockLocalPortForwarding=options["block-local-port-forwarding"],
+        blockReversePortForwarding=options["block-reverse-port-forwarding"],
+    )
+    factory = _ssh(options, reactor, policy, workspace, metrics, hostKeys, login, served)
+    if options["forwarding-policy-file"]:
+        PolicyFileService(
+            options["forwarding-policy-file"],
+            policy,
+            reactor=reactor,
+            onLoaded=lambda rules, when: metrics.policyLoadedNow(rules.digest, rules.mode, when),
+            onError=metrics.policyReloadErrors.inc,
+            onChange=lambda: recheckReverseForwards(factory.connections),
+        ).setServiceParent(top)  # loaded before the SSH server starts: it listens under it
     ssh = ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
@@ -171,6 +187,7 @@ def makeService(
 def _ssh(
     options: Mapping[str, Any],
     reactor: Any,
+    policy: Policy,
     workspace: WorkspaceEnvironment,
     metrics: AgentMetrics,
     hostKeys: Callable[[], Mapping[bytes, Any]],
@@ -178,11 +195,6 @@ def _ssh(
     served: ServedSockets,
 ) -> AgentSSHFactory:
     """The SSH server: what its sessions see, and the factory (host keys load on start)."""
-    policy = Policy(
-        blockFileTransfer=options["block-file-transfer"],
-        blockLocalPortForwarding=options["block-local-port-forwarding"],
-        blockReversePortForwarding=options["block-reverse-port-forwarding"],
-    )
     context = SessionContext(
         policy=policy,
         reactor=reactor,

@@ -11,6 +11,8 @@ class.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.conch.ssh.common import NS
@@ -170,21 +172,22 @@ class FakeAvatar:
     """An authenticated user with the real forwarding handlers installed."""
 
     def __init__(
-        self, policy: Policy, reactor: Any = None, limits: ConnectionLimits | None = None
+        self,
+        policy: Policy,
+        reactor: Any = None,
+        limits: ConnectionLimits | None = None,
+        resolver: Callable[[str, int], list[str]] | None = None,
     ) -> None:
         self.metrics = AgentMetrics()
         self.limits = limits or ConnectionLimits(metrics=self.metrics)
         self.servedSockets = ServedSockets()
-        self.context = type(
-            "Ctx",
-            (),
-            {
-                "policy": policy,
-                "reactor": reactor,
-                "metrics": self.metrics,
-                "servedSockets": self.servedSockets,
-            },
-        )()
+        self.context = SimpleNamespace(
+            policy=policy,
+            reactor=reactor,
+            metrics=self.metrics,
+            servedSockets=self.servedSockets,
+            resolver=resolver,
+        )
         self.channelLookup: dict[bytes, Any] = {}
         self.globalRequests: dict[bytes, Any] = {}
         self.conn = FakeSSHConn()

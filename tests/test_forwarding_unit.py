@@ -34,7 +34,7 @@ from zope.interface.verify import verifyObject
 
 from coderagent.files import PRIVATE_SOCKET_MODE
 from coderagent.observe.metrics import AgentMetrics
-from coderagent.policy import Policy
+from coderagent.policy import Policy, loadPolicy
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
 from coderagent.ssh.forwarding.sockets import describeConnectError
@@ -785,3 +785,57 @@ def test_direct_opens_refuse_a_connection_that_cannot_wait(logged: list[dict[str
     assert isinstance(connecting, Deferred)
     connecting.addErrback(lambda _: None)
     connecting.cancel()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_name_is_looked_up_once_and_only_allowed_addresses_are_connected_to(
+    logged: list[dict[str, Any]],
+) -> Iterator[Deferred[Any]]:
+    """A resolver that answers a refused address first: the forward goes to the allowed one,
+    with no second lookup; a name with only refused addresses is prohibited unconnected."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    lookups: list[tuple[str, int]] = []
+    answers = {"app.test": ["10.255.0.1", "127.0.0.1"], "db.test": ["10.255.0.2"]}
+
+    def resolver(host: str, port: int) -> list[str]:
+        lookups.append((host, port))
+        return answers[host]
+
+    accepted: list[Protocol] = []
+
+    class Recorded(Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+
+    listening = reactor.listenTCP(0, Factory.forProtocol(Recorded), interface="127.0.0.1")
+    port = cast(IPv4Address, listening.getHost()).port
+    rules = loadPolicy(
+        b'[local_tcp]\ndefault = "allow"\n'
+        b'[[local_tcp.rules]]\nname = "no-internal"\naction = "deny"\nhost = "10.0.0.0/8"\n'
+    )
+    avatar = FakeAvatar(Policy(rules=rules), reactor, resolver=resolver)
+    opener = avatar.channelLookup[b"direct-tcpip"]
+    try:
+        chan = yield opener(
+            remoteWindow=1 << 20,
+            remoteMaxPacket=32768,
+            data=directTcpip(b"app.test", port),
+            avatar=avatar,
+        )
+        assert isinstance(chan, RelayChannel)
+        assert chan.socket.transport.getPeer().host == "127.0.0.1"
+        assert lookups == [("app.test", port)] and len(accepted) == 1
+        chan.socket.transport.abortConnection()
+        with pytest.raises(ConchError) as raised:
+            yield opener(
+                remoteWindow=1, remoteMaxPacket=1, data=directTcpip(b"db.test", port), avatar=avatar
+            )
+        assert raised.value.args == (
+            f"forwarding to db.test:{port} refused by policy rule 'no-internal'",
+            connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+        )
+        assert lookups[1:] == [("db.test", port)] and len(accepted) == 1
+    finally:
+        yield defer.maybeDeferred(listening.stopListening)

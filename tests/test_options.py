@@ -103,7 +103,7 @@ def test_every_option_has_a_typed_value_and_a_default_source() -> None:
 def test_table_names_are_unique_and_env_names_prefixed() -> None:
     names = [spec.name for spec in OPTIONS]
     envs = [spec.env for spec in OPTIONS]
-    assert len(set(names)) == len(names) == 38
+    assert len(set(names)) == len(names) == 39
     assert len(set(envs)) == len(envs)
     assert all(env.startswith("CODER_AGENT_") for env in envs)
 

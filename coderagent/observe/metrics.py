@@ -67,6 +67,35 @@ class AgentMetrics:
         for direction in FORWARD_DIRECTIONS:
             for transport in FORWARD_TRANSPORTS:
                 self.forwardingRefusedTotal.labels(direction, transport)
+        self.forwardingRefusedByRule = Counter(
+            "agent_ssh_forwarding_refused_by_rule",
+            "The same refusals, by what decided: a --block-* flag, a policy-file rule or "
+            "default, the key's options.",
+            ["direction", "transport", "rule"],
+            registry=self.registry,
+        )
+        self.forwardingWouldRefuse = Counter(
+            "agent_ssh_forwarding_would_refuse",
+            "Forwards a policy file in audit mode let through but would refuse, by rule.",
+            ["direction", "transport", "rule"],
+            registry=self.registry,
+        )
+        self.policyReloadErrors = Counter(
+            "agent_policy_reload_errors",
+            "Reloads of --forwarding-policy-file refused because the file was invalid.",
+            registry=self.registry,
+        )
+        self.policyInfo = Gauge(
+            "agent_policy_info",
+            "The forwarding policy in force: its file's sha256 and mode (the value is 1).",
+            ["sha256", "mode"],
+            registry=self.registry,
+        )
+        self.policyLoaded = Gauge(
+            "agent_policy_loaded_timestamp_seconds",
+            "When the forwarding policy in force was loaded (Unix time).",
+            registry=self.registry,
+        )
 
         self.limitRefusedTotal = Counter(
             "agent_ssh_limit_refused",
@@ -198,9 +227,22 @@ class AgentMetrics:
         self._spooled["logs"].set_function(logs)
         self._spooled["bytes"].set_function(size)
 
-    def forwardingRefused(self, direction: str, transport: str) -> None:
-        """Count one forward refused by policy (``local|reverse``, ``tcp|unix``)."""
+    def forwardingRefused(self, direction: str, transport: str, rule: str = "") -> None:
+        """Count one forward refused by policy (``local|reverse``, ``tcp|unix``), and by
+        ``rule`` when it is known."""
         self.forwardingRefusedTotal.labels(direction, transport).inc()
+        if rule:
+            self.forwardingRefusedByRule.labels(direction, transport, rule).inc()
+
+    def forwardingWouldBeRefused(self, direction: str, transport: str, rule: str) -> None:
+        """Count one forward an audit-mode policy let through but would refuse."""
+        self.forwardingWouldRefuse.labels(direction, transport, rule).inc()
+
+    def policyLoadedNow(self, digest: str, mode: str, when: float) -> None:
+        """The forwarding policy ``digest`` is in force since ``when``."""
+        self.policyInfo.clear()
+        self.policyInfo.labels(digest, mode).set(1)
+        self.policyLoaded.set(when)
 
     def limitRefused(self, limit: str) -> None:
         """Count one refusal at ``limit`` (one of :data:`SSH_LIMITS`)."""

@@ -307,6 +307,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "what was received earlier survives a crash.",
     ),
     OptionSpec(
+        "forwarding-policy-file",
+        "CODER_AGENT_FORWARDING_POLICY_FILE",
+        "",
+        OPTIONAL_PATH,
+        "A TOML file of forwarding and file-transfer rules (see the README); reloaded on "
+        "SIGHUP or when it changes. The --block-* flags still apply on top of it.",
+    ),
+    OptionSpec(
         "ssh-login-grace-time",
         "CODER_AGENT_SSH_LOGIN_GRACE_TIME",
         "2m",

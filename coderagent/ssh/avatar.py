@@ -19,6 +19,8 @@ from twisted.cred.portal import IRealm
 from zope.interface import implementer
 
 from coderagent.netaddr import UNKNOWN, describePeer
+from coderagent.policy.keyoptions import KeyOptions
+from coderagent.ssh.auth import KeyIdentity
 from coderagent.ssh.forwarding import installForwarding
 from coderagent.ssh.limits import ConnectionLimits
 from coderagent.ssh.session import SessionChannel, SessionContext
@@ -29,10 +31,14 @@ GlobalHandler = Callable[[bytes], Any]
 class AgentAvatar(ConchUser):
     """One authenticated SSH connection's user; runs everything as the agent's user."""
 
-    def __init__(self, username: str, context: SessionContext) -> None:
+    def __init__(
+        self, username: str, context: SessionContext, keyOptions: KeyOptions | None = None
+    ) -> None:
         super().__init__()
         self.username = username
         self.context = context
+        #: What the key this user logged in with may do (its authorized_keys options).
+        self.keyOptions = keyOptions
         #: What this connection may hold; everything that opens something asks it.
         self.limits = ConnectionLimits(
             context.limits,
@@ -88,7 +94,10 @@ class AgentRealm:
     def requestAvatar(
         self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
     ) -> tuple[Any, AgentAvatar, Callable[[], None]]:
-        if IConchUser not in interfaces or not isinstance(avatarId, bytes):
+        if IConchUser not in interfaces:
             raise NotImplementedError("coderagent only serves SSH users")
-        avatar = AgentAvatar(avatarId.decode("utf-8", "replace"), self.context)
+        if not isinstance(avatarId, bytes):
+            raise NotImplementedError("coderagent only serves SSH users")
+        options = avatarId.options if isinstance(avatarId, KeyIdentity) else None
+        avatar = AgentAvatar(avatarId.decode("utf-8", "replace"), self.context, options)
         return IConchUser, avatar, avatar.logout

@@ -12,7 +12,7 @@ runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from coderagent.workspaceenv import SECRET_AGENT_VARIABLES, UserInfo, WorkspaceEnvironment
 
@@ -37,8 +37,10 @@ def sessionEnvironment(
     local: tuple[str, int],
     term: str | None = None,
     ttyName: str | None = None,
+    session: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Return the complete environment for one session process."""
+    """Return the complete environment for one session process; ``session`` holds what
+    the agent sets for this session only (``SSH_ORIGINAL_COMMAND``), over everything."""
     inherited = {
         k: v for k, v in workspace.agentEnvironment.items() if k not in SECRET_AGENT_VARIABLES
     }
@@ -57,4 +59,5 @@ def sessionEnvironment(
         env["TERM"] = term
     if ttyName is not None:
         env["SSH_TTY"] = ttyName
+    env.update(session or {})
     return env

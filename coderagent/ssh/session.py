@@ -40,6 +40,7 @@ from coderagent.policy import (
     FILE_TRANSFER_BLOCKED_MESSAGE,
     Policy,
 )
+from coderagent.policy.keyoptions import KeyOptions
 from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
 from coderagent.ssh.interfaces import IWindowedChannel
 from coderagent.ssh.limits import ConnectionLimits, SSHLimits
@@ -84,6 +85,7 @@ SIGNALS: Mapping[str, signal.Signals] = {
 #: Exit status for an internal failure to start the command (upstream's MagicSessionErrorCode).
 SESSION_ERROR_EXIT_STATUS = 229
 
+
 @dataclass
 class SessionContext:
     """Everything a session needs from the rest of the agent.
@@ -107,6 +109,8 @@ class SessionContext:
     descriptors: DescriptorReserve | None = None
     #: What a login shell on a terminal prints first (banners, MOTD: ``ssh.motd``).
     loginMessage: Callable[[], bytes] | None = None
+    #: How forwarding resolves a host name (blocking, run in a thread; ``netaddr.resolve``).
+    resolver: Callable[[str, int], list[str]] | None = None
 
     def __post_init__(self) -> None:
         if self.workspace is None:
@@ -180,6 +184,8 @@ class SessionChannel(channel.SSHChannel):
         self.subsystem: Protocol | None = None
         self.sftp: Any = None
         self.command: str | None = None
+        #: What the client asked to run when the key's ``command=`` replaced it.
+        self.originalCommand: str | None = None
         self.consumerPaused = False
         self.windowCap = self.localWindowSize
         self._started = False
@@ -232,9 +238,23 @@ class SessionChannel(channel.SSHChannel):
             self.clientEnvironment.append((key, text))
         return 1
 
+    @property
+    def _key(self) -> KeyOptions | None:
+        """The options of the key this session's user logged in with."""
+        options: KeyOptions | None = getattr(self.avatar, "keyOptions", None)
+        return options
+
     def _requestPty(self, data: bytes) -> int:
         pty = parsePtyReq(data)
         if self._started:
+            return 0
+        decision = self.context.policy.allowPty(self._key)
+        if not decision.allowed:
+            log.info(
+                "pty-req refused for {peer}: {reason}",
+                peer=self._peerText(),
+                reason=decision.reason,
+            )
             return 0
         self.pty = pty
         return 1
@@ -261,6 +281,9 @@ class SessionChannel(channel.SSHChannel):
 
     def _requestSubsystem(self, data: bytes) -> int:
         name = parseSubsystem(data)
+        if self._key is not None and self._key.command is not None:
+            # As sshd: a forced command runs instead, SSH_ORIGINAL_COMMAND says what was asked.
+            return self._start(None, original=name)
         if self._started or name != "sftp" or self.context.sftpServer is None:
             return 0
         self._started = True
@@ -319,10 +342,12 @@ class SessionChannel(channel.SSHChannel):
     def _peerText(self) -> str:
         return describePeer(self.conn.transport.transport)
 
-    def _start(self, command: str | None) -> int:
+    def _start(self, requested: str | None, original: str | None = None) -> int:
         if self._started:
             return 0
         self._started = True
+        command, forcedOver = self.context.policy.sessionCommand(requested, self._key)
+        self.originalCommand = original if original is not None else forcedOver
         self.command = command
         self._counted(lambda m: m.sessionStarted(self.sessionType, self.pty is not None))
         decision = self.context.policy.allowCommand(command)
@@ -361,6 +386,7 @@ class SessionChannel(channel.SSHChannel):
         transport = self.conn.transport.transport
         if command is None and self.pty is not None and self.context.loginMessage is not None:
             self.write(self.context.loginMessage())
+        forced = self._key is not None and self._key.command is not None
         self.process = spawnSession(
             self.context,
             _SessionProcessProtocol(self),
@@ -369,6 +395,11 @@ class SessionChannel(channel.SSHChannel):
             clientEnvironment=self.clientEnvironment,
             peer=transport.getPeer(),
             local=transport.getHost(),
+            sessionVariables=(
+                {"SSH_ORIGINAL_COMMAND": self.originalCommand}
+                if forced and self.originalCommand is not None
+                else None
+            ),
         )
         # Stdin back-pressure: while the child is not reading, the client's
         # window stays shut (see AgentConnection.reopenWindow).

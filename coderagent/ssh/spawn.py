@@ -15,6 +15,7 @@ import fcntl
 import os
 import struct
 import termios
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.conch import ttymodes
@@ -71,8 +72,10 @@ def spawnSession(
     clientEnvironment: list[tuple[str, str]],
     peer: Any,
     local: Any,
+    sessionVariables: Mapping[str, str] | None = None,
 ) -> IProcessTransport:
-    """Start ``command`` (``None``: a login shell) for a session of ``context``."""
+    """Start ``command`` (``None``: a login shell) for a session of ``context``;
+    ``sessionVariables`` are set over everything else (``SSH_ORIGINAL_COMMAND``)."""
     ctx = context
     shell = ctx.user.shell
     argv = [shell, "-l"] if command is None else [shell, "-c", command]
@@ -81,6 +84,7 @@ def spawnSession(
         clientEnvironment=clientEnvironment,
         peer=(getattr(peer, "host", _NO_ADDRESS), getattr(peer, "port", 0)),
         local=(getattr(local, "host", _NO_ADDRESS), getattr(local, "port", 0)),
+        session=sessionVariables,
     )
     directory = ctx.workspace.workingDirectory()
     if pty is None:

@@ -18,14 +18,16 @@ from twisted.conch.ssh.connection import (
     SSHConnection,
 )
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from coderagent.netaddr import UNKNOWN, describePeer
+from coderagent.netaddr import UNKNOWN, describePeer, resolve
+from coderagent.policy.engine import normalisePath
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 
 if TYPE_CHECKING:
-    from coderagent.policy import Decision, Policy
+    from coderagent.policy import Decision, KeyOptions, Policy
     from coderagent.ssh.limits import ConnectionLimits
     from coderagent.unixsocket import ServedSockets
 
@@ -72,6 +74,14 @@ class Forwards:
     def reactor(self) -> Any:
         return self.context.reactor
 
+    def resolve(self, host: str, port: int) -> Deferred[list[str]]:
+        """What ``host`` resolves to, looked up in the reactor's thread pool with the
+        context's resolver (a test brings its own; the agent's is the system's)."""
+        resolver = getattr(self.context, "resolver", None) or resolve
+        pool = self.reactor.getThreadPool()
+        found: Deferred[list[str]] = deferToThreadPool(self.reactor, pool, resolver, host, port)
+        return found
+
     def peer(self) -> str:
         """The SSH client's address, for log lines."""
         try:
@@ -93,20 +103,68 @@ class Forwards:
             self.refused("reverse", transport, decision, what)
         return decision.allowed
 
+    @property
+    def key(self) -> KeyOptions | None:
+        """What the key this connection logged in with may do (its authorized_keys options)."""
+        options: KeyOptions | None = getattr(self.avatar, "keyOptions", None)
+        return options
+
+    def decided(self, direction: str, transport: str, decision: Decision, what: str) -> bool:
+        """Act on the policy's answer to a parsed request: a refusal is logged and counted;
+        in audit mode, what the file would refuse is logged, counted, and allowed."""
+        if decision.wouldRefuse:
+            log.warn(
+                "{kind} would be refused (audit mode): {what} from {peer}: {reason}",
+                kind=_KIND[direction, transport],
+                what=what,
+                peer=self.peer(),
+                reason=decision.reason,
+                rule=decision.rule,
+            )
+            metrics = getattr(self.context, "metrics", None)
+            if metrics is not None:
+                metrics.forwardingWouldBeRefused(direction, transport, decision.rule)
+            return True
+        if not decision.allowed:
+            self.refused(direction, transport, decision, what)
+        return decision.allowed
+
     def refused(self, direction: str, transport: str, decision: Decision, what: str) -> None:
-        """Account for one policy refusal: a WARN line and the counter."""
+        """Account for one policy refusal: a WARN line naming what decided, and the counters."""
+        rule = decision.rule or "the policy"
         log.warn(
             "{kind} blocked: {what} from {peer}: {reason}",
             kind=_KIND[direction, transport],
             what=what,
             peer=self.peer(),
-            reason=decision.reason,
+            # A file rule's reason names it already; a flag's is upstream's text.
+            reason=decision.reason if rule in decision.reason else f"{decision.reason} ({rule})",
+            rule=rule,
             direction=direction,
             transport=transport,
         )
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
-            metrics.forwardingRefused(direction, transport)
+            metrics.forwardingRefused(direction, transport, decision.rule)
+
+    def recheck(self) -> None:
+        """After a policy reload: close the reverse listeners it no longer allows."""
+        for (kind, address, port), listener in list(self.listeners.items()):
+            if kind == "tcp":
+                decision = self.policy.reverseTCP(address, port, self.key)
+            else:
+                decision = self.policy.reverseUnix(normalisePath(address), self.key)
+            if decision.allowed:
+                continue
+            log.warn(
+                "closing the reverse forward {listener} of {peer}: the policy now refuses it "
+                "({reason})",
+                listener=listener.description,
+                peer=self.peer(),
+                reason=decision.reason,
+                rule=decision.rule,
+            )
+            self.remove((kind, address, port))
 
     def requireDeferredOpens(self) -> None:
         """Refuse to connect on a connection that would confirm before the connect.

@@ -21,10 +21,11 @@ from twisted.conch.error import ConchError
 from twisted.conch.ssh.connection import OPEN_CONNECT_FAILED
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from coderagent.ssh.forwarding.registry import Forwards
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
@@ -99,6 +100,39 @@ def dial(
 
     connecting = endpoint.connect(OneSocketFactory(sock))
     return connecting.addCallbacks(connected, failed)
+
+
+@implementer(IStreamClientEndpoint)
+class FirstOf:
+    """Connects through each endpoint in turn until one connects (else the last failure):
+    a name that resolves to several allowed addresses tries them in order."""
+
+    def __init__(self, endpoints: list[IStreamClientEndpoint]) -> None:
+        self.endpoints = endpoints
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        remaining = list(self.endpoints)
+        current: list[Deferred[IProtocol]] = []
+
+        def cancel(_: Deferred[IProtocol]) -> None:
+            remaining.clear()
+            if current:
+                current[0].cancel()
+
+        result: Deferred[IProtocol] = Deferred(cancel)
+
+        def attempt(failure: Failure | None) -> None:
+            if result.called:
+                return
+            if not remaining:
+                result.errback(failure or Failure(error.ConnectError("no address to connect to")))
+                return
+            connecting = remaining.pop(0).connect(factory)
+            current[:] = [connecting]
+            connecting.addCallbacks(result.callback, attempt)
+
+        attempt(None)
+        return result
 
 
 class ForwardedFactory(Factory):

@@ -51,6 +51,7 @@ from coderagent.files import (
     makePrivateDirs,
 )
 from coderagent.gotext import goQuote
+from coderagent.policy.engine import normalisePath
 from coderagent.ssh.forwarding.registry import UNPARSED, Forwards
 from coderagent.ssh.forwarding.relay import RelayChannel
 from coderagent.ssh.forwarding.sockets import (
@@ -64,6 +65,7 @@ from coderagent.ssh.wire import MalformedPayload, Payload
 from coderagent.unixsocket import SUN_PATH_MAX, PrivateUnixPort, fitsSunPath, removeStale
 
 log = Logger()
+
 
 def displayPath(path: str) -> str:
     """``path`` made safe to log and to put on the wire (undecodable bytes replaced)."""
@@ -143,7 +145,13 @@ class StreamLocalForwarding:
             why = describeConnectError(e, shown)
             return f"dial unix socket {goQuote(path)}: dial unix {shown}: {why}"
 
-        if not fitsSunPath(path):
+        # Decided on, and connected to, the same normalised path (no "..", symlinks
+        # in its directory resolved): "/allowed/../etc/x" is "/etc/x".
+        real = normalisePath(path)
+        decision = f.policy.localUnix(real, f.key)
+        if not f.decided("local", "unix", decision, f"direct-streamlocal to {displayPath(real)}"):
+            raise ConchError(decision.reason, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+        if not fitsSunPath(real):
             # Twisted would only fail inside its connect, after the timeout.
             message = failureText(error.ConnectError(osError=errno.EINVAL))
             log.info(
@@ -154,7 +162,7 @@ class StreamLocalForwarding:
             raise ConchError(message, connection.OPEN_CONNECT_FAILED)
         return dial(
             f,
-            UNIXClientEndpoint(f.reactor, path, timeout=CONNECT_TIMEOUT),
+            UNIXClientEndpoint(f.reactor, real, timeout=CONNECT_TIMEOUT),
             request="direct-streamlocal",
             failureText=failureText,
             remoteWindow=remoteWindow,
@@ -175,9 +183,14 @@ class StreamLocalForwarding:
         key = ("unix", path, 0)
         if key in f.listeners:
             return 1  # as OpenSSH: a repeat on the same connection is not an error
+        real = normalisePath(path)  # decided on and bound: see openDirect
+        decision = f.policy.reverseUnix(real, f.key)
+        what = f"streamlocal-forward on {displayPath(real)}"
+        if not f.decided("reverse", "unix", decision, what):
+            return 0
         if not f.admitsReverseForward():
             return 0
-        refusal = _refusal(f, path)
+        refusal = _refusal(f, real)
         if refusal is not None:
             log.warn(
                 "streamlocal-forward on {path} from {peer} refused: {why}",
@@ -186,12 +199,12 @@ class StreamLocalForwarding:
                 why=refusal,
             )
             return 0
-        port = UnixForwardPort(path, ForwardedFactory(f, _AcceptedUnix, path), f.reactor)
+        port = UnixForwardPort(real, ForwardedFactory(f, _AcceptedUnix, path), f.reactor)
         try:
-            parent = os.path.dirname(path)
+            parent = os.path.dirname(real)
             if parent:
                 makePrivateDirs(parent)
-            found = removeStale(path)
+            found = removeStale(real)
             if not found.replaceable:
                 log.warn(
                     "streamlocal-forward on {path} from {peer} refused: {found} is there "
