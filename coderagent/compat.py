@@ -11,11 +11,13 @@ same reason ``setup.cfg`` keeps Twisted below its next major release.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.conch.ssh.transport import SSHServerTransport, SSHTransportBase
 from twisted.internet import tcp, unix
+from twisted.internet.process import Process, PTYProcess, _getFileActions
 from twisted.python.failure import Failure
 
 #: Where ``ClientService`` logs "Scheduling retry ..." (a private module):
@@ -127,3 +129,106 @@ def reactorChildren() -> set[int]:
     from twisted.internet import process
 
     return set(process.reapProcessHandlers)
+
+
+# -- starting child processes ------------------------------------------------------
+
+#: Starts a child: ``(executable, args, environment, path, fdmap, tty)`` ->
+#: PID, where ``fdmap`` maps the child's descriptors to the parent's (pipes)
+#: and ``tty`` is the PTY slave's path (``fdmap`` is then None).  Raises
+#: ``OSError`` if the child cannot be started.
+ChildStarter = Callable[
+    [bytes, list[bytes], dict[bytes, bytes], bytes | None, dict[int, int] | None, bytes | None],
+    int,
+]
+
+
+class StartedProcess(Process):
+    """Twisted's ``Process`` (pipes), its child started by ``start`` instead of ``fork``.
+
+    ``Process.__init__`` makes the pipes, then calls ``_fork(path, uid, gid,
+    executable, args, environment, fdmap=...)`` to start the child, then
+    wraps the parent's ends and registers the PID for reaping; only the
+    middle step is replaced.
+    """
+
+    def __init__(
+        self,
+        start: ChildStarter,
+        reactor: Any,
+        executable: bytes,
+        args: list[bytes],
+        environment: dict[bytes, bytes],
+        path: bytes | None,
+        proto: Any,
+    ) -> None:
+        self._start = start
+        super().__init__(reactor, executable, args, environment, path, proto)
+
+    def _fork(
+        self,
+        path: Any,
+        uid: Any,
+        gid: Any,
+        executable: Any,
+        args: Any,
+        environment: Any,
+        **kwargs: Any,
+    ) -> None:
+        # kwargs: fdmap (child descriptor -> the parent's)
+        self.pid = self._start(executable, args, environment, path, kwargs["fdmap"], None)
+        self.status = -1
+
+
+class StartedPTYProcess(PTYProcess):
+    """Twisted's ``PTYProcess`` on ``usePTY`` (master, slave, slave's path), started by ``start``.
+
+    ``PTYProcess.__init__`` calls ``_fork(path, uid, gid, executable, args,
+    environment, masterfd=, slavefd=)``, then closes the slave, reads the
+    master and registers the PID for reaping.
+    """
+
+    def __init__(
+        self,
+        start: ChildStarter,
+        reactor: Any,
+        executable: bytes,
+        args: list[bytes],
+        environment: dict[bytes, bytes],
+        path: bytes | None,
+        proto: Any,
+        usePTY: tuple[int, int, str],
+    ) -> None:
+        self._start = start
+        self._tty = os.fsencode(usePTY[2])
+        super().__init__(reactor, executable, args, environment, path, proto, usePTY=usePTY)
+
+    def _fork(
+        self,
+        path: Any,
+        uid: Any,
+        gid: Any,
+        executable: Any,
+        args: Any,
+        environment: Any,
+        **kwargs: Any,
+    ) -> None:
+        # kwargs: masterfd, slavefd (the child opens the slave by its path)
+        pid: Any = self._start(executable, args, environment, path, None, self._tty)
+        self.pid = pid
+        self.status = -1
+
+
+def spawnFileActions(
+    fdState: list[tuple[int, bool]], childToParent: dict[int, int], close: int, dup2: int
+) -> list[tuple[int, ...]]:
+    """The ``posix_spawn`` file actions Twisted would use for ``childToParent``.
+
+    ``fdState`` is every open descriptor with its close-on-exec flag; the
+    result is ``(close, fd)`` and ``(dup2, fd, newfd)`` tuples, in order,
+    that give the child exactly ``childToParent`` (relocating a parent
+    descriptor a mapping would overwrite first) and close every other
+    inheritable descriptor.
+    """
+    actions: list[tuple[int, ...]] = _getFileActions(fdState, childToParent, close, dup2)
+    return actions

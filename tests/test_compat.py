@@ -254,6 +254,106 @@ def test_the_reactors_children_are_known_until_reaped() -> Iterator[Deferred[Any
     assert child.pid not in compat.reactorChildren()
 
 
+def _posixSpawn(calls: list[tuple[Any, ...]]) -> Any:
+    """A starter on os.posix_spawn that records what Twisted asked for."""
+
+    def start(
+        executable: bytes,
+        args: list[bytes],
+        environment: dict[bytes, bytes],
+        path: bytes | None,
+        fdmap: dict[int, int] | None,
+        tty: bytes | None,
+    ) -> int:
+        calls.append((executable, args, environment, path, fdmap, tty))
+        if tty is not None:
+            actions = [(os.POSIX_SPAWN_OPEN, 0, tty, os.O_RDWR, 0)]
+            actions += [(os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
+        else:
+            assert fdmap is not None
+            actions = [(os.POSIX_SPAWN_DUP2, fdmap[n], n) for n in (0, 1, 2)]
+        return os.posix_spawn(executable, args, environment, file_actions=actions)
+
+    return start
+
+
+class _Output(_Ended):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_process_can_be_started_by_another_hand_than_fork() -> Iterator[Deferred[Any]]:
+    from twisted.internet import reactor
+
+    calls: list[tuple[Any, ...]] = []
+    protocol = _Output()
+    child = compat.StartedProcess(
+        _posixSpawn(calls), reactor, b"/bin/cat", [b"cat"], {b"A": b"1"}, b"/tmp", protocol
+    )
+    ((executable, args, environment, path, fdmap, tty),) = calls
+    assert (executable, args, environment, path, tty) == (
+        b"/bin/cat",
+        [b"cat"],
+        {b"A": b"1"},
+        b"/tmp",
+        None,
+    )
+    assert sorted(fdmap) == [0, 1, 2]
+    assert child.pid in compat.reactorChildren()
+    child.write(b"piped")
+    child.closeStdin()
+    yield protocol.ended
+    assert protocol.out == b"piped"
+    assert child.pid not in compat.reactorChildren()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_pty_process_can_be_started_by_another_hand_than_fork() -> Iterator[Deferred[Any]]:
+    from twisted.internet import reactor
+
+    calls: list[tuple[Any, ...]] = []
+    protocol = _Output()
+    master, slave = os.openpty()
+    name = os.ttyname(slave)
+    child = compat.StartedPTYProcess(
+        _posixSpawn(calls),
+        reactor,
+        b"/bin/echo",
+        [b"echo", b"on-the-pty"],
+        {},
+        None,
+        protocol,
+        usePTY=(master, slave, name),
+    )
+    assert calls[0][-1] == os.fsencode(name)
+    assert child.fileno() == master
+    with pytest.raises(OSError):
+        os.fstat(slave)  # the parent's slave is closed once the child runs
+    yield protocol.ended
+    assert protocol.out == b"on-the-pty\r\n"
+
+
+def test_spawn_file_actions_relocate_before_overwriting() -> None:
+    # The child wants the parent's 1 on 0 and the parent's 0 on 1: a swap.
+    close, dup2 = 0, 1
+    actions = compat.spawnFileActions(
+        [(0, False), (1, False), (5, False)], {0: 1, 1: 0}, close, dup2
+    )
+    fds = {0: "a", 1: "b", 5: "c"}
+    for action in actions:
+        if action[0] == dup2:
+            fds[action[2]] = fds[action[1]]
+        else:
+            del fds[action[1]]
+    assert (fds[0], fds[1]) == ("b", "a")
+    assert 5 not in fds  # an inheritable descriptor nobody asked for is closed
+
+
 # -- log namespaces -----------------------------------------------------------------
 
 

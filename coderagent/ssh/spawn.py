@@ -21,6 +21,7 @@ from twisted.conch import ttymodes
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 
+from coderagent.ssh import launch
 from coderagent.ssh.environment import sessionEnvironment
 
 #: Upstream's placeholder in SSH_CLIENT when an address has no host or port.
@@ -97,8 +98,8 @@ def spawnSession(
     )
     if pty is None:
         env = sessionEnvironment(**envArgs)
-        process: IProcessTransport = ctx.reactor.spawnProcess(
-            protocol, shell, argv, env=env, path=ctx.user.home, usePTY=False
+        process: IProcessTransport = launch.spawnProcess(
+            ctx.reactor, protocol, shell, argv, env=env, path=ctx.user.home
         )
         return process
     master, slave = os.openpty()
@@ -107,7 +108,8 @@ def spawnSession(
         applyModes(slave, pty.modes)
         fcntl.ioctl(slave, termios.TIOCSWINSZ, packWinSize(*pty.winSize))
         env = sessionEnvironment(**envArgs, term=pty.term, ttyName=ttyName)
-        process = ctx.reactor.spawnProcess(
+        process = launch.spawnProcess(
+            ctx.reactor,
             protocol,
             shell,
             argv,
