@@ -298,22 +298,31 @@ class AgentServerTransport(transport.SSHServerTransport):
             self.buf = b""
         self._readPackets()
 
+    def _currentOpener(self) -> Any:
+        ciphers = self.currentEncryptions
+        opener = self._opener
+        if opener is None or opener.ciphers is not ciphers:
+            opener = self._opener = openerFor(ciphers)
+        return opener
+
     def _readPackets(self) -> None:
         buf = self._rbuf
         pos = 0
         view = memoryview(buf)
+        # The opener, the fast path's target and the sequence number change
+        # only in what dispatchMessage runs (NEWKEYS, a service starting):
+        # they are looked up again after each message, not for each packet.
+        opener = self._currentOpener()
+        deliver = self._channelData
+        sequence = self.incomingPacketSequence
         try:
             while True:
-                tcp = self.transport
-                if tcp is None or getattr(tcp, "disconnecting", False):
+                tcp: Any = self.transport
+                if tcp is None or tcp.disconnecting:
                     pos = len(buf)  # nothing more is read from a closing peer
                     break
-                ciphers = self.currentEncryptions
-                opener = self._opener
-                if opener is None or opener.ciphers is not ciphers:
-                    opener = self._opener = openerFor(ciphers)
                 try:
-                    opened = opener.open(view, pos, self.incomingPacketSequence)
+                    opened = opener.open(view, pos, sequence)
                 except PacketError as e:
                     log.warn(
                         "bad packet from {peer}: {error}", peer=self.describePeer(), error=str(e)
@@ -324,17 +333,21 @@ class AgentServerTransport(transport.SSHServerTransport):
                 if opened is None:
                     break
                 packet, pos = opened
-                self.incomingPacketSequence += 1
-                deliver = self._channelData
+                sequence += 1
+                self.incomingPacketSequence = sequence
                 if packet.recipient >= 0 and deliver is not None:
                     deliver(packet.recipient, packet.data)
-                elif packet.recipient >= 0:
+                    continue
+                if packet.recipient >= 0:
                     self.dispatchMessage(
                         packet.messageType,
                         CHANNEL_DATA_HEAD.pack(packet.recipient, len(packet.data)) + packet.data,
                     )
                 else:
                     self.dispatchMessage(packet.messageType, packet.payload)
+                opener = self._currentOpener()
+                deliver = self._channelData
+                sequence = self.incomingPacketSequence
         finally:
             view.release()
         if pos:
