@@ -232,3 +232,49 @@ def spawnFileActions(
     """
     actions: list[tuple[int, ...]] = _getFileActions(fdState, childToParent, close, dup2)
     return actions
+
+
+# -- writing to sockets ----------------------------------------------------------------
+
+
+def sendNow(transport: Any, pieces: list[bytes]) -> None:
+    """``transport.writeSequence(pieces)``, sent at once when nothing else is waiting.
+
+    Twisted's ``FileDescriptor`` buffers every write until the reactor's next
+    turn: each burst adds the socket to epoll's writers and removes it again
+    (two ``epoll_ctl`` calls), costs a loop turn, and joins the pieces into
+    one copy before ``send``.  When the transport's buffers are empty
+    (``dataBuffer``, ``_tempDataBuffer``), the pieces go out here with one
+    ``sendmsg``, uncopied; whatever the kernel does not take (or everything,
+    on any error, which Twisted's own write then meets and reports) goes to
+    ``writeSequence`` and keeps its order.  Only for a plain TCP or Unix
+    connection (``tcp.Connection``) not using TLS.
+    """
+    if (
+        transport.dataBuffer
+        or transport._tempDataBuffer
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnected
+        or transport.TLS
+    ):
+        transport.writeSequence(pieces)
+        return
+    try:
+        sent = transport.socket.sendmsg(pieces)
+    except OSError:
+        sent = 0
+    if sent:
+        for index, piece in enumerate(pieces):
+            if sent < len(piece):
+                pieces = [piece[sent:], *pieces[index + 1 :]]
+                break
+            sent -= len(piece)
+        else:
+            return
+    transport.writeSequence(pieces)
+
+
+def canSendNow(transport: Any) -> bool:
+    """Whether :func:`sendNow` may be used on ``transport`` (a plain TCP or Unix connection)."""
+    return isinstance(transport, tcp.Connection) and hasattr(transport, "socket")

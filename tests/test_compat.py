@@ -354,6 +354,74 @@ def test_spawn_file_actions_relocate_before_overwriting() -> None:
     assert 5 not in fds  # an inheritable descriptor nobody asked for is closed
 
 
+class _Collecting(Protocol):
+    def __init__(self, want: int) -> None:
+        self.want = want
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) >= self.want and not self.done.called:
+            self.done.callback(self.received)
+
+
+@pytest_twisted.inlineCallbacks
+def _connectedPair(want: int) -> Iterator[Any]:
+    from twisted.internet import endpoints, reactor
+
+    server = _Collecting(want)
+    port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(lambda: server)
+    )
+    client = yield endpoints.connectProtocol(
+        endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+    )
+    return port, server, client
+
+
+@pytest_twisted.inlineCallbacks
+def test_send_now_writes_an_idle_socket_at_once_and_keeps_order() -> Iterator[Deferred[Any]]:
+    pieces = [b"first ", memoryview(b"second ").tobytes(), b"third"]
+    port, server, client = yield _connectedPair(len(b"".join(pieces)) + 5)
+    try:
+        transport = client.transport
+        assert compat.canSendNow(transport)
+        compat.sendNow(transport, pieces)
+        # Nothing was left to Twisted's buffers: it went out in this call.
+        assert transport.dataBuffer == b"" and transport._tempDataBuffer == []
+        # Behind data Twisted still holds, pieces queue up in order.
+        transport.write(b"[q]")
+        compat.sendNow(transport, [b"!!"])
+        assert transport._tempDataBuffer == [b"[q]", b"!!"]
+        received = yield server.done
+        assert received == b"first second third[q]!!"
+    finally:
+        client.transport.loseConnection()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_the_kernel_does_not_take_is_left_to_twisted_in_order() -> Iterator[Deferred[Any]]:
+    big = bytes(range(256)) * 16384  # 4 MiB: more than loopback's buffers hold
+    pieces = [b"<", big, b">"]
+    port, server, client = yield _connectedPair(len(big) + 2)
+    try:
+        server.transport.pauseProducing()  # the peer reads nothing for now
+        compat.sendNow(client.transport, pieces)
+        assert client.transport._tempDataBuffer  # only part of it went out
+        server.transport.resumeProducing()
+        received = yield server.done
+        assert received == b"<" + big + b">"
+    finally:
+        client.transport.loseConnection()
+        yield port.stopListening()
+
+
+def test_send_now_is_only_for_plain_sockets() -> None:
+    assert not compat.canSendNow(StringTransport())
+
+
 # -- log namespaces -----------------------------------------------------------------
 
 

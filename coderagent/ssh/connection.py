@@ -109,6 +109,16 @@ class AgentConnection(DeferredOpenConnection):
         head = CHANNEL_DATA_HEAD.pack(self.channelsToRemoteChannel[channel], len(data))
         self.transport.sendPacketParts(connection.MSG_CHANNEL_DATA, (head, data))
 
+    def sendDataChunks(self, channel: Any, chunks: list[Chunk]) -> None:
+        """One CHANNEL_DATA packet per chunk, written to the socket together."""
+        if channel.localClosed:
+            return
+        remote = self.channelsToRemoteChannel[channel]
+        self.transport.sendPackets(
+            connection.MSG_CHANNEL_DATA,
+            [(CHANNEL_DATA_HEAD.pack(remote, len(chunk)), chunk) for chunk in chunks],
+        )
+
     def windowShare(self, cap: int) -> int:
         """The window one channel may have now: an even share of the budget."""
         share = CONNECTION_WINDOW_BUDGET // max(1, len(self.channels))

@@ -38,8 +38,10 @@ from twisted.python.failure import Failure
 
 from coderagent.compat import (
     answerKexInit,
+    canSendNow,
     holdForKeyExchange,
     inKeyExchange,
+    sendNow,
     setPeerSupportsExtensions,
     skipNextKexPacket,
 )
@@ -66,7 +68,7 @@ log = Logger()
 
 #: Bytes read from the client's socket at once (Twisted's default is 64 KiB):
 #: fewer, larger reads cost fewer Python calls per packet.
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
 
 
 def _withoutWeakAlgorithms(names: list[bytes]) -> list[bytes]:
@@ -159,6 +161,8 @@ class AgentServerTransport(transport.SSHServerTransport):
     authenticated = False
     #: When the connection was made (for the debug server).
     since = 0.0
+    #: Whether the socket can be written to at once (a plain TCP or Unix connection).
+    _sendNow = False
 
     def connectionMade(self) -> None:
         self._rbuf = bytearray()
@@ -172,6 +176,9 @@ class AgentServerTransport(transport.SSHServerTransport):
             tcp.setTcpNoDelay(True)
         if hasattr(tcp, "bufferSize"):
             tcp.bufferSize = READ_SIZE
+        # Packets are written straight to the socket while nothing is
+        # buffered (see coderagent.compat.sendNow).
+        self._sendNow = canSendNow(tcp)
         super().connectionMade()
         clock = self.factory.reactor
         config = self.factory.config
@@ -250,9 +257,28 @@ class AgentServerTransport(transport.SSHServerTransport):
         if sealer is None:
             self._sendOutsideFastPath(messageType, parts)
             return
-        tcp: Any = self.transport
-        tcp.writeSequence(sealer.seal(self.outgoingPacketSequence, messageType, parts))
+        pieces = sealer.seal(self.outgoingPacketSequence, messageType, parts)
         self.outgoingPacketSequence += 1
+        if self._sendNow:
+            sendNow(self.transport, pieces)
+        else:
+            tcp: Any = self.transport
+            tcp.writeSequence(pieces)
+
+    def sendPackets(self, messageType: int, packets: list[tuple[Chunk, ...]]) -> None:
+        """Send several packets of ``messageType`` (each one's payload parts) in one write."""
+        sealer = self._sealer
+        if sealer is None or not self._sendNow:
+            for parts in packets:
+                self.sendPacketParts(messageType, parts)
+            return
+        pieces: list[bytes] = []
+        sequence = self.outgoingPacketSequence
+        for parts in packets:
+            pieces += sealer.seal(sequence, messageType, parts)
+            sequence += 1
+        self.outgoingPacketSequence = sequence
+        sendNow(self.transport, pieces)
 
     def _sendOutsideFastPath(self, messageType: int, parts: tuple[Chunk, ...]) -> None:
         exchanging = inKeyExchange(self)
