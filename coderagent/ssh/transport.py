@@ -163,6 +163,8 @@ class AgentServerTransport(transport.SSHServerTransport):
     since = 0.0
     #: Whether the socket can be written to at once (a plain TCP or Unix connection).
     _sendNow = False
+    #: The sealed packets held back while a read is handled (see _readPackets).
+    _held: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         self._rbuf = bytearray()
@@ -259,7 +261,10 @@ class AgentServerTransport(transport.SSHServerTransport):
             return
         pieces = sealer.seal(self.outgoingPacketSequence, messageType, parts)
         self.outgoingPacketSequence += 1
-        if self._sendNow:
+        held = self._held
+        if held is not None:
+            held += pieces
+        elif self._sendNow:
             sendNow(self.transport, pieces)
         else:
             tcp: Any = self.transport
@@ -278,9 +283,29 @@ class AgentServerTransport(transport.SSHServerTransport):
             pieces += sealer.seal(sequence, messageType, parts)
             sequence += 1
         self.outgoingPacketSequence = sequence
-        sendNow(self.transport, pieces)
+        held = self._held
+        if held is not None:
+            held += pieces
+        else:
+            sendNow(self.transport, pieces)
+
+    def _holdWrites(self) -> bool:
+        """Collect what is sent from now on for one write (False: already collecting)."""
+        if self._held is not None or not self._sendNow:
+            return False
+        self._held = []
+        return True
+
+    def _releaseWrites(self) -> None:
+        """Write what was collected since :meth:`_holdWrites`, with one ``sendmsg``."""
+        held, self._held = self._held, None
+        if held and self.transport is not None:
+            sendNow(self.transport, held)
 
     def _sendOutsideFastPath(self, messageType: int, parts: tuple[Chunk, ...]) -> None:
+        if self._held:
+            self._releaseWrites()  # what was sent before goes first
+            self._held = []
         exchanging = inKeyExchange(self)
         if exchanging and holdForKeyExchange(self, messageType, parts):
             return
@@ -341,6 +366,9 @@ class AgentServerTransport(transport.SSHServerTransport):
         opener = self._currentOpener()
         deliver = self._channelData
         sequence = self.incomingPacketSequence
+        # What handling these packets sends (window adjustments above all,
+        # one per channel every few packets) is written once, at the end.
+        holding = self._holdWrites()
         try:
             while True:
                 tcp: Any = self.transport
@@ -376,6 +404,8 @@ class AgentServerTransport(transport.SSHServerTransport):
                 sequence = self.incomingPacketSequence
         finally:
             view.release()
+            if holding:
+                self._releaseWrites()
         if pos:
             del buf[:pos]
 
