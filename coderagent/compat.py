@@ -12,11 +12,12 @@ same reason ``setup.cfg`` keeps Twisted below its next major release.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.conch.ssh.transport import SSHServerTransport, SSHTransportBase
 from twisted.internet import process, tcp, unix
+from twisted.internet.process import Process, PTYProcess, _getFileActions
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
@@ -176,9 +177,159 @@ def spawnInNewSession(
 
     The child leads a process group of its own, so everything it starts can
     be signalled at once (``os.killpg(pid, …)``), as upstream does to a
-    script that times out.  ``process.Process`` is what the reactor builds;
-    this subclass forks instead of using ``posix_spawnp`` (which Twisted
-    calls without ``setsid``) and starts the session in the child before
-    Twisted sets up the child's descriptors.
+    script that times out.  This is :func:`coderagent.launch.spawnProcess`'s
+    fallback where ``posix_spawnp`` cannot be used: ``process.Process`` is
+    what the reactor builds, and this subclass forks (Twisted's own
+    ``posix_spawnp`` path has no ``setsid``) and starts the session in the
+    child before Twisted sets up the child's descriptors.
     """
     return _SessionLeader(reactor, executable, args, env, path, protocol)
+
+
+# -- starting child processes ------------------------------------------------------
+
+#: Starts a child: ``(executable, args, environment, path, fdmap, tty)`` ->
+#: PID, where ``fdmap`` maps the child's descriptors to the parent's (pipes)
+#: and ``tty`` is the PTY slave's path (``fdmap`` is then None).  Raises
+#: ``OSError`` if the child cannot be started.
+ChildStarter = Callable[
+    [bytes, list[bytes], dict[bytes, bytes], bytes | None, dict[int, int] | None, bytes | None],
+    int,
+]
+
+
+class StartedProcess(Process):
+    """Twisted's ``Process`` (pipes), its child started by ``start`` instead of ``fork``.
+
+    ``Process.__init__`` makes the pipes, then calls ``_fork(path, uid, gid,
+    executable, args, environment, fdmap=...)`` to start the child, then
+    wraps the parent's ends and registers the PID for reaping; only the
+    middle step is replaced.
+    """
+
+    def __init__(
+        self,
+        start: ChildStarter,
+        reactor: Any,
+        executable: bytes,
+        args: list[bytes],
+        environment: dict[bytes, bytes],
+        path: bytes | None,
+        proto: Any,
+    ) -> None:
+        self._start = start
+        super().__init__(reactor, executable, args, environment, path, proto)
+
+    def _fork(
+        self,
+        path: Any,
+        uid: Any,
+        gid: Any,
+        executable: Any,
+        args: Any,
+        environment: Any,
+        **kwargs: Any,
+    ) -> None:
+        # kwargs: fdmap (child descriptor -> the parent's)
+        self.pid = self._start(executable, args, environment, path, kwargs["fdmap"], None)
+        self.status = -1
+
+
+class StartedPTYProcess(PTYProcess):
+    """Twisted's ``PTYProcess`` on ``usePTY`` (master, slave, slave's path), started by ``start``.
+
+    ``PTYProcess.__init__`` calls ``_fork(path, uid, gid, executable, args,
+    environment, masterfd=, slavefd=)``, then closes the slave, reads the
+    master and registers the PID for reaping.
+    """
+
+    def __init__(
+        self,
+        start: ChildStarter,
+        reactor: Any,
+        executable: bytes,
+        args: list[bytes],
+        environment: dict[bytes, bytes],
+        path: bytes | None,
+        proto: Any,
+        usePTY: tuple[int, int, str],
+    ) -> None:
+        self._start = start
+        self._tty = os.fsencode(usePTY[2])
+        super().__init__(reactor, executable, args, environment, path, proto, usePTY=usePTY)
+
+    def _fork(
+        self,
+        path: Any,
+        uid: Any,
+        gid: Any,
+        executable: Any,
+        args: Any,
+        environment: Any,
+        **kwargs: Any,
+    ) -> None:
+        # kwargs: masterfd, slavefd (the child opens the slave by its path)
+        pid: Any = self._start(executable, args, environment, path, None, self._tty)
+        self.pid = pid
+        self.status = -1
+
+
+def spawnFileActions(
+    fdState: list[tuple[int, bool]], childToParent: dict[int, int], close: int, dup2: int
+) -> list[tuple[int, ...]]:
+    """The ``posix_spawn`` file actions Twisted would use for ``childToParent``.
+
+    ``fdState`` is every open descriptor with its close-on-exec flag; the
+    result is ``(close, fd)`` and ``(dup2, fd, newfd)`` tuples, in order,
+    that give the child exactly ``childToParent`` (relocating a parent
+    descriptor a mapping would overwrite first) and close every other
+    inheritable descriptor.
+    """
+    actions: list[tuple[int, ...]] = _getFileActions(fdState, childToParent, close, dup2)
+    return actions
+
+
+# -- writing to sockets ----------------------------------------------------------------
+
+
+def sendNow(transport: Any, pieces: list[bytes]) -> None:
+    """``transport.writeSequence(pieces)``, sent at once when nothing else is waiting.
+
+    Twisted's ``FileDescriptor`` buffers every write until the reactor's next
+    turn: each burst adds the socket to epoll's writers and removes it again
+    (two ``epoll_ctl`` calls), costs a loop turn, and joins the pieces into
+    one copy before ``send``.  When the transport's buffers are empty
+    (``dataBuffer``, ``_tempDataBuffer``), the pieces go out here with one
+    ``sendmsg``, uncopied; whatever the kernel does not take (or everything,
+    on any error, which Twisted's own write then meets and reports) goes to
+    ``writeSequence`` and keeps its order.  Only for a plain TCP or Unix
+    connection (``tcp.Connection``) not using TLS.
+    """
+    if (
+        transport.dataBuffer
+        or transport._tempDataBuffer
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnected
+        or transport.TLS
+    ):
+        transport.writeSequence(pieces)
+        return
+    try:
+        sent = transport.socket.sendmsg(pieces)
+    except OSError:
+        sent = 0
+    if sent:
+        for index, piece in enumerate(pieces):
+            if sent < len(piece):
+                pieces = [piece[sent:], *pieces[index + 1 :]]
+                break
+            sent -= len(piece)
+        else:
+            return
+    transport.writeSequence(pieces)
+
+
+def canSendNow(transport: Any) -> bool:
+    """Whether :func:`sendNow` may be used on ``transport`` (a plain TCP or Unix connection)."""
+    return isinstance(transport, tcp.Connection) and hasattr(transport, "socket")

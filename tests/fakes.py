@@ -118,6 +118,10 @@ class FakeConn:
     def sendData(self, chan: Any, data: bytes) -> None:
         self.sent.append(("data", data))
 
+    def sendDataChunks(self, chan: Any, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.sendData(chan, bytes(chunk))
+
     def sendEOF(self, chan: Any) -> None:
         self.sent.append(("eof", b""))
 

@@ -254,6 +254,29 @@ def test_the_reactors_children_are_known_until_reaped() -> Iterator[Deferred[Any
     assert child.pid not in compat.reactorChildren()
 
 
+def _posixSpawn(calls: list[tuple[Any, ...]]) -> Any:
+    """A starter on os.posix_spawn that records what Twisted asked for."""
+
+    def start(
+        executable: bytes,
+        args: list[bytes],
+        environment: dict[bytes, bytes],
+        path: bytes | None,
+        fdmap: dict[int, int] | None,
+        tty: bytes | None,
+    ) -> int:
+        calls.append((executable, args, environment, path, fdmap, tty))
+        if tty is not None:
+            actions = [(os.POSIX_SPAWN_OPEN, 0, tty, os.O_RDWR, 0)]
+            actions += [(os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
+        else:
+            assert fdmap is not None
+            actions = [(os.POSIX_SPAWN_DUP2, fdmap[n], n) for n in (0, 1, 2)]
+        return os.posix_spawn(executable, args, environment, file_actions=actions)
+
+    return start
+
+
 class _Output(_Ended):
     def __init__(self) -> None:
         super().__init__()
@@ -280,6 +303,142 @@ def test_a_child_spawned_in_a_new_session_leads_its_own_group() -> Iterator[Defe
     pid, pgrp, sid = protocol.out.split(b"\n")[0].split()
     assert pid == pgrp == sid != str(os.getpid()).encode()
     assert protocol.out.endswith(b"through stdin\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_process_can_be_started_by_another_hand_than_fork() -> Iterator[Deferred[Any]]:
+    from twisted.internet import reactor
+
+    calls: list[tuple[Any, ...]] = []
+    protocol = _Output()
+    child = compat.StartedProcess(
+        _posixSpawn(calls), reactor, b"/bin/cat", [b"cat"], {b"A": b"1"}, b"/tmp", protocol
+    )
+    ((executable, args, environment, path, fdmap, tty),) = calls
+    assert (executable, args, environment, path, tty) == (
+        b"/bin/cat",
+        [b"cat"],
+        {b"A": b"1"},
+        b"/tmp",
+        None,
+    )
+    assert sorted(fdmap) == [0, 1, 2]
+    assert child.pid in compat.reactorChildren()
+    child.write(b"piped")
+    child.closeStdin()
+    yield protocol.ended
+    assert protocol.out == b"piped"
+    assert child.pid not in compat.reactorChildren()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_pty_process_can_be_started_by_another_hand_than_fork() -> Iterator[Deferred[Any]]:
+    from twisted.internet import reactor
+
+    calls: list[tuple[Any, ...]] = []
+    protocol = _Output()
+    master, slave = os.openpty()
+    name = os.ttyname(slave)
+    child = compat.StartedPTYProcess(
+        _posixSpawn(calls),
+        reactor,
+        b"/bin/echo",
+        [b"echo", b"on-the-pty"],
+        {},
+        None,
+        protocol,
+        usePTY=(master, slave, name),
+    )
+    assert calls[0][-1] == os.fsencode(name)
+    assert child.fileno() == master
+    with pytest.raises(OSError):
+        os.fstat(slave)  # the parent's slave is closed once the child runs
+    yield protocol.ended
+    assert protocol.out == b"on-the-pty\r\n"
+
+
+def test_spawn_file_actions_relocate_before_overwriting() -> None:
+    # The child wants the parent's 1 on 0 and the parent's 0 on 1: a swap.
+    close, dup2 = 0, 1
+    actions = compat.spawnFileActions(
+        [(0, False), (1, False), (5, False)], {0: 1, 1: 0}, close, dup2
+    )
+    fds = {0: "a", 1: "b", 5: "c"}
+    for action in actions:
+        if action[0] == dup2:
+            fds[action[2]] = fds[action[1]]
+        else:
+            del fds[action[1]]
+    assert (fds[0], fds[1]) == ("b", "a")
+    assert 5 not in fds  # an inheritable descriptor nobody asked for is closed
+
+
+class _Collecting(Protocol):
+    def __init__(self, want: int) -> None:
+        self.want = want
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) >= self.want and not self.done.called:
+            self.done.callback(self.received)
+
+
+@pytest_twisted.inlineCallbacks
+def _connectedPair(want: int) -> Iterator[Any]:
+    from twisted.internet import endpoints, reactor
+
+    server = _Collecting(want)
+    port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(lambda: server)
+    )
+    client = yield endpoints.connectProtocol(
+        endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+    )
+    return port, server, client
+
+
+@pytest_twisted.inlineCallbacks
+def test_send_now_writes_an_idle_socket_at_once_and_keeps_order() -> Iterator[Deferred[Any]]:
+    pieces = [b"first ", memoryview(b"second ").tobytes(), b"third"]
+    port, server, client = yield _connectedPair(len(b"".join(pieces)) + 5)
+    try:
+        transport = client.transport
+        assert compat.canSendNow(transport)
+        compat.sendNow(transport, pieces)
+        # Nothing was left to Twisted's buffers: it went out in this call.
+        assert transport.dataBuffer == b"" and transport._tempDataBuffer == []
+        # Behind data Twisted still holds, pieces queue up in order.
+        transport.write(b"[q]")
+        compat.sendNow(transport, [b"!!"])
+        assert transport._tempDataBuffer == [b"[q]", b"!!"]
+        received = yield server.done
+        assert received == b"first second third[q]!!"
+    finally:
+        client.transport.loseConnection()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_the_kernel_does_not_take_is_left_to_twisted_in_order() -> Iterator[Deferred[Any]]:
+    big = bytes(range(256)) * 16384  # 4 MiB: more than loopback's buffers hold
+    pieces = [b"<", big, b">"]
+    port, server, client = yield _connectedPair(len(big) + 2)
+    try:
+        server.transport.pauseProducing()  # the peer reads nothing for now
+        compat.sendNow(client.transport, pieces)
+        assert client.transport._tempDataBuffer  # only part of it went out
+        server.transport.resumeProducing()
+        received = yield server.done
+        assert received == b"<" + big + b">"
+    finally:
+        client.transport.loseConnection()
+        yield port.stopListening()
+
+
+def test_send_now_is_only_for_plain_sockets() -> None:
+    assert not compat.canSendNow(StringTransport())
 
 
 # -- log namespaces -----------------------------------------------------------------

@@ -41,8 +41,8 @@ from google.protobuf import timestamp_pb2
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.logger import Logger
 
+from coderagent import launch
 from coderagent.agentlifecycle import Outcome
-from coderagent.compat import spawnInNewSession
 from coderagent.deferreds import Waiters
 from coderagent.files import makePrivateDirs, openPrivate
 from coderagent.gotext import goExpand, goQuote
@@ -116,6 +116,21 @@ class Script:
 Spawner = Callable[..., Any]
 
 
+def spawnScript(
+    reactor: Any,
+    protocol: Any,
+    executable: str,
+    args: list[str],
+    env: dict[str, str],
+    path: str | None,
+) -> Any:
+    """Start a script as the leader of a new session (pipes, no terminal), so that a
+    timeout can signal everything it started at once (``os.killpg``), as upstream."""
+    return launch.spawnProcess(
+        reactor, protocol, executable, args, env=env, path=path, newSession=True
+    )
+
+
 class ScriptRunner:
     """Runs the first manifest's scripts at start, on their cron schedules, and at stop."""
 
@@ -132,7 +147,7 @@ class ScriptRunner:
         clock: Any = None,
         wallClock: Callable[[], float] = time.time,
         waitDelay: float = WAIT_DELAY,
-        spawner: Spawner = spawnInNewSession,
+        spawner: Spawner = spawnScript,
     ) -> None:
         """``reactor`` starts processes; ``clock`` (the reactor by default) times them."""
         self.reactor = reactor

@@ -40,7 +40,6 @@ would reuse a nonce.
 
 from __future__ import annotations
 
-import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,13 +52,13 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 from twisted.conch.ssh.transport import SSHCiphers
 
 from coderagent.ssh.packets import (
-    CHANNEL_DATA_HEAD,
     DISCONNECT_MAC_ERROR,
     DISCONNECT_PROTOCOL_ERROR,
     HEAD_AFTER_LENGTH,
     MAX_PACKET_LENGTH,
     MSG_CHANNEL_DATA,
     SEQUENCE_MASK,
+    SMALL_PART,
     U32,
     Chunk,
     Opened,
@@ -67,6 +66,8 @@ from coderagent.ssh.packets import (
     PacketError,
     PaddingPool,
     Sealer,
+    keyedMac,
+    verifyMac,
 )
 
 # -- what there is ----------------------------------------------------------------
@@ -232,7 +233,7 @@ def _ctr(spec: CipherSpec, iv: bytes, key: bytes) -> Any:
 def _hmac(mac: bytes, key: bytes) -> tuple[Any, MacSpec]:
     # RFC 6668: the key is as long as the digest (Conch and OpenSSH agree).
     spec = MACS[mac]
-    return hmac.new(key[: spec.size], digestmod=spec.digest), spec
+    return keyedMac(spec.digest, key[: spec.size]), spec
 
 
 def makeSealer(owner: Any, cipher: bytes, mac: bytes, iv: bytes, key: bytes, integ: bytes) -> Any:
@@ -309,21 +310,19 @@ class EtmSealer(PaddingPool):
             size += len(part)
         padLength = _padLength(size, self.blockSize)
         length = U32.pack(size + padLength + 1)
+        lead, rest = _lead(HEAD_AFTER_LENGTH.pack(padLength, messageType), parts)
         update = self._update
         mac = self._mac.copy()
-        mac.update(U32.pack(sequence & SEQUENCE_MASK))
-        mac.update(length)
-        piece = update(HEAD_AFTER_LENGTH.pack(padLength, messageType))
-        mac.update(piece)
-        out = [length, piece]
-        for part in parts:
+        piece = length + update(lead)
+        mac.update(U32.pack(sequence & SEQUENCE_MASK) + piece)
+        out = [piece]
+        for part in rest:
             piece = update(part)
             mac.update(piece)
             out.append(piece)
         piece = update(self._padding(padLength))
         mac.update(piece)
-        out.append(piece)
-        out.append(mac.digest())
+        out.append(piece + mac.finalize())
         return out
 
 
@@ -351,28 +350,48 @@ class EtmOpener:
         mac = self._mac.copy()
         mac.update(U32.pack(sequence & SEQUENCE_MASK))
         mac.update(view[pos:end])
-        if not hmac.compare_digest(mac.digest(), view[end : end + macSize]):
-            raise PacketError(DISCONNECT_MAC_ERROR, "bad MAC")
-        update = self._update
-        padLength, messageType = HEAD_AFTER_LENGTH.unpack(update(view[pos + 4 : pos + 6]))
+        verifyMac(mac, view[end : end + macSize])
+        return _openPayload(self._update, view, pos + 4, end), end + macSize
+
+
+def _lead(head: bytes, parts: Sequence[Chunk]) -> tuple[bytes, Sequence[Chunk]]:
+    """``head`` with the small parts that follow it joined on, and the other parts."""
+    while parts and len(parts[0]) <= SMALL_PART:
+        head += parts[0]
+        parts = parts[1:]
+    return head, parts
+
+
+#: After an unencrypted length: padding length, message type, and (if this is
+#: channel data) the recipient channel and the data's length.
+_AFTER_LENGTH = struct.Struct(">BBLL")
+
+
+def _openPayload(update: Any, view: memoryview, start: int, end: int) -> Opened:
+    """Decrypt ``view[start:end]`` (a packet after its length); channel data comes out apart.
+
+    The first ten bytes are decrypted at once (a channel data packet's whole
+    head), then the data, then the padding (which keeps a CTR keystream in
+    step).
+    """
+    length = end - start
+    if length < _AFTER_LENGTH.size:  # a message too short to be channel data
+        plain = update(view[start:end])
+        padLength, messageType = plain[0], plain[1]
         _checkPadding(padLength, length)
-        start = pos + 6
-        bodyEnd = end - padLength
-        opened = _openBody(update, view, start, bodyEnd, messageType)
-        update(view[bodyEnd:end])  # the padding: keeps the CTR keystream in step
-        return opened, end + macSize
-
-
-def _openBody(update: Any, view: memoryview, start: int, end: int, messageType: int) -> Opened:
-    """Decrypt a payload after its type byte; channel data comes out apart."""
-    if messageType == MSG_CHANNEL_DATA and end - start >= 8:
-        dataHead = update(view[start : start + 8])
-        recipient, dataLength = CHANNEL_DATA_HEAD.unpack(dataHead)
-        if dataLength == end - start - 8:
-            return Opened(messageType, b"", recipient, update(view[start + 8 : end]))
-        # malformed: the ordinary handler refuses it
-        return Opened(messageType, dataHead + update(view[start + 8 : end]))
-    return Opened(messageType, update(view[start:end]))
+        return Opened(messageType, plain[2 : length - padLength])
+    raw = update(view[start : start + _AFTER_LENGTH.size])
+    padLength, messageType, recipient, dataLength = _AFTER_LENGTH.unpack(raw)
+    _checkPadding(padLength, length)
+    bodyEnd = end - padLength
+    dataStart = start + _AFTER_LENGTH.size
+    split = bodyEnd if bodyEnd > dataStart else dataStart
+    data = update(view[dataStart:split])
+    update(view[split:end])
+    if messageType == MSG_CHANNEL_DATA and dataLength == bodyEnd - dataStart:
+        return Opened(messageType, b"", recipient, data)
+    # a message, or channel data whose length disagrees (the handler refuses it)
+    return Opened(messageType, (raw + data)[2 : bodyEnd - start])
 
 
 # -- AES-GCM ---------------------------------------------------------------------------
@@ -444,7 +463,7 @@ class GcmOpener:
         _checkPadding(padLength, length)
         bodyEnd = length - padLength
         if messageType == MSG_CHANNEL_DATA and bodyEnd >= 10:
-            recipient, dataLength = CHANNEL_DATA_HEAD.unpack_from(plain, 2)
+            _, _, recipient, dataLength = _AFTER_LENGTH.unpack_from(plain)
             if dataLength == bodyEnd - 10:
                 return Opened(messageType, b"", recipient, plain[10:bodyEnd]), end
         return Opened(messageType, plain[2:bodyEnd]), end
@@ -489,20 +508,19 @@ class ChachaSealer(PaddingPool):
         padLength = _padLength(size, 8)
         nonce = _SEQUENCE64.pack(sequence & SEQUENCE_MASK)
         length = chachaStream(self._lengthKey, nonce).update(U32.pack(size + padLength + 1))
+        lead, rest = _lead(HEAD_AFTER_LENGTH.pack(padLength, messageType), parts)
         update = chachaStream(self._mainKey, nonce).update
         poly = Poly1305(update(_ZERO_BLOCK)[:32])  # block 0; the packet starts at block 1
-        poly.update(length)
-        piece = update(HEAD_AFTER_LENGTH.pack(padLength, messageType))
+        piece = length + update(lead)
         poly.update(piece)
-        out = [length, piece]
-        for part in parts:
+        out = [piece]
+        for part in rest:
             piece = update(part)
             poly.update(piece)
             out.append(piece)
         piece = update(self._padding(padLength))
         poly.update(piece)
-        out.append(piece)
-        out.append(poly.finalize())
+        out.append(piece + poly.finalize())
         return out
 
 
@@ -544,6 +562,4 @@ class ChachaOpener:
             )
         except InvalidSignature:
             raise PacketError(DISCONNECT_MAC_ERROR, "bad MAC") from None
-        padLength, messageType = HEAD_AFTER_LENGTH.unpack(update(view[pos + 4 : pos + 6]))
-        _checkPadding(padLength, length)
-        return _openBody(update, view, pos + 6, end - padLength, messageType), end + _TAG_SIZE
+        return _openPayload(update, view, pos + 4, end), end + _TAG_SIZE

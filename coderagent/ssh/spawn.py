@@ -22,6 +22,7 @@ from twisted.conch import ttymodes
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 
+from coderagent import launch
 from coderagent.ssh.environment import sessionEnvironment
 from coderagent.ssh.requests import PtyRequest
 
@@ -89,8 +90,8 @@ def spawnSession(
     directory = ctx.workspace.workingDirectory()
     if pty is None:
         env = sessionEnvironment(**envArgs)
-        process: IProcessTransport = ctx.reactor.spawnProcess(
-            protocol, shell, argv, env=env, path=directory, usePTY=False
+        process: IProcessTransport = launch.spawnProcess(
+            ctx.reactor, protocol, shell, argv, env=env, path=directory
         )
         return process
     master, slave = os.openpty()
@@ -99,7 +100,8 @@ def spawnSession(
         applyModes(slave, pty.modes)
         fcntl.ioctl(slave, termios.TIOCSWINSZ, packWinSize(*pty.winSize))
         env = sessionEnvironment(**envArgs, term=pty.term, ttyName=ttyName)
-        process = ctx.reactor.spawnProcess(
+        process = launch.spawnProcess(
+            ctx.reactor,
             protocol,
             shell,
             argv,

@@ -38,8 +38,10 @@ from twisted.python.failure import Failure
 
 from coderagent.compat import (
     answerKexInit,
+    canSendNow,
     holdForKeyExchange,
     inKeyExchange,
+    sendNow,
     setPeerSupportsExtensions,
     skipNextKexPacket,
 )
@@ -66,7 +68,7 @@ log = Logger()
 
 #: Bytes read from the client's socket at once (Twisted's default is 64 KiB):
 #: fewer, larger reads cost fewer Python calls per packet.
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
 
 
 def _withoutWeakAlgorithms(names: list[bytes]) -> list[bytes]:
@@ -159,6 +161,10 @@ class AgentServerTransport(transport.SSHServerTransport):
     authenticated = False
     #: When the connection was made (for the debug server).
     since = 0.0
+    #: Whether the socket can be written to at once (a plain TCP or Unix connection).
+    _sendNow = False
+    #: The sealed packets held back while a read is handled (see _readPackets).
+    _held: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         self._rbuf = bytearray()
@@ -172,6 +178,9 @@ class AgentServerTransport(transport.SSHServerTransport):
             tcp.setTcpNoDelay(True)
         if hasattr(tcp, "bufferSize"):
             tcp.bufferSize = READ_SIZE
+        # Packets are written straight to the socket while nothing is
+        # buffered (see coderagent.compat.sendNow).
+        self._sendNow = canSendNow(tcp)
         super().connectionMade()
         clock = self.factory.reactor
         config = self.factory.config
@@ -250,11 +259,53 @@ class AgentServerTransport(transport.SSHServerTransport):
         if sealer is None:
             self._sendOutsideFastPath(messageType, parts)
             return
-        tcp: Any = self.transport
-        tcp.writeSequence(sealer.seal(self.outgoingPacketSequence, messageType, parts))
+        pieces = sealer.seal(self.outgoingPacketSequence, messageType, parts)
         self.outgoingPacketSequence += 1
+        held = self._held
+        if held is not None:
+            held += pieces
+        elif self._sendNow:
+            sendNow(self.transport, pieces)
+        else:
+            tcp: Any = self.transport
+            tcp.writeSequence(pieces)
+
+    def sendPackets(self, messageType: int, packets: list[tuple[Chunk, ...]]) -> None:
+        """Send several packets of ``messageType`` (each one's payload parts) in one write."""
+        sealer = self._sealer
+        if sealer is None or not self._sendNow:
+            for parts in packets:
+                self.sendPacketParts(messageType, parts)
+            return
+        pieces: list[bytes] = []
+        sequence = self.outgoingPacketSequence
+        for parts in packets:
+            pieces += sealer.seal(sequence, messageType, parts)
+            sequence += 1
+        self.outgoingPacketSequence = sequence
+        held = self._held
+        if held is not None:
+            held += pieces
+        else:
+            sendNow(self.transport, pieces)
+
+    def _holdWrites(self) -> bool:
+        """Collect what is sent from now on for one write (False: already collecting)."""
+        if self._held is not None or not self._sendNow:
+            return False
+        self._held = []
+        return True
+
+    def _releaseWrites(self) -> None:
+        """Write what was collected since :meth:`_holdWrites`, with one ``sendmsg``."""
+        held, self._held = self._held, None
+        if held and self.transport is not None:
+            sendNow(self.transport, held)
 
     def _sendOutsideFastPath(self, messageType: int, parts: tuple[Chunk, ...]) -> None:
+        if self._held:
+            self._releaseWrites()  # what was sent before goes first
+            self._held = []
         exchanging = inKeyExchange(self)
         if exchanging and holdForKeyExchange(self, messageType, parts):
             return
@@ -298,22 +349,34 @@ class AgentServerTransport(transport.SSHServerTransport):
             self.buf = b""
         self._readPackets()
 
+    def _currentOpener(self) -> Any:
+        ciphers = self.currentEncryptions
+        opener = self._opener
+        if opener is None or opener.ciphers is not ciphers:
+            opener = self._opener = openerFor(ciphers)
+        return opener
+
     def _readPackets(self) -> None:
         buf = self._rbuf
         pos = 0
         view = memoryview(buf)
+        # The opener, the fast path's target and the sequence number change
+        # only in what dispatchMessage runs (NEWKEYS, a service starting):
+        # they are looked up again after each message, not for each packet.
+        opener = self._currentOpener()
+        deliver = self._channelData
+        sequence = self.incomingPacketSequence
+        # What handling these packets sends (window adjustments above all,
+        # one per channel every few packets) is written once, at the end.
+        holding = self._holdWrites()
         try:
             while True:
-                tcp = self.transport
-                if tcp is None or getattr(tcp, "disconnecting", False):
+                tcp: Any = self.transport
+                if tcp is None or tcp.disconnecting:
                     pos = len(buf)  # nothing more is read from a closing peer
                     break
-                ciphers = self.currentEncryptions
-                opener = self._opener
-                if opener is None or opener.ciphers is not ciphers:
-                    opener = self._opener = openerFor(ciphers)
                 try:
-                    opened = opener.open(view, pos, self.incomingPacketSequence)
+                    opened = opener.open(view, pos, sequence)
                 except PacketError as e:
                     log.warn(
                         "bad packet from {peer}: {error}", peer=self.describePeer(), error=str(e)
@@ -324,19 +387,25 @@ class AgentServerTransport(transport.SSHServerTransport):
                 if opened is None:
                     break
                 packet, pos = opened
-                self.incomingPacketSequence += 1
-                deliver = self._channelData
+                sequence += 1
+                self.incomingPacketSequence = sequence
                 if packet.recipient >= 0 and deliver is not None:
                     deliver(packet.recipient, packet.data)
-                elif packet.recipient >= 0:
+                    continue
+                if packet.recipient >= 0:
                     self.dispatchMessage(
                         packet.messageType,
                         CHANNEL_DATA_HEAD.pack(packet.recipient, len(packet.data)) + packet.data,
                     )
                 else:
                     self.dispatchMessage(packet.messageType, packet.payload)
+                opener = self._currentOpener()
+                deliver = self._channelData
+                sequence = self.incomingPacketSequence
         finally:
             view.release()
+            if holding:
+                self._releaseWrites()
         if pos:
             del buf[:pos]
 
