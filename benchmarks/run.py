@@ -7,16 +7,19 @@ Usage (from the repository root):
 
 Tests (``--only``): local (-L TCP), remote (-R TCP), unix (-L to a unix
 socket), conc (N connections through one -L), exec (exec latency on a
-ControlMaster connection).  Within each repetition every test runs on both
-servers back to back; which server goes first alternates between repetitions.
-Every connection uses ``-c aes128-ctr -m hmac-sha2-256 -o
-KexAlgorithms=curve25519-sha256``.  See benchmarks/README.md.
+ControlMaster connection).  Each runs in each algorithm configuration
+(``--configs``): ``ctr`` forces ``-c aes128-ctr -m hmac-sha2-256``,
+``default`` forces nothing (OpenSSH negotiates chacha20-poly1305 with both
+servers), ``gcm`` forces ``-c aes128-gcm@openssh.com``.  Within each
+repetition every test runs on both servers back to back; which server goes
+first alternates between repetitions.  The agent is installed in a venv of
+its own and runs as the login user, started from ``/``.  See
+benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -30,18 +33,20 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# Whether the agent is importable as installed decides if its process needs
-# the working tree on PYTHONPATH; ask before this script adds the tree.
-_AGENT_SPEC = importlib.util.find_spec("coderagent")
-AGENT_INSTALLED = _AGENT_SPEC is not None
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import report, servers, workloads  # noqa: E402
-from benchmarks.sampling import Measure, machineBusy  # noqa: E402
+from benchmarks import install, report, servers, workloads  # noqa: E402
+from benchmarks.sampling import Measure, machineBusy, processTree, treeMemory  # noqa: E402
 
 TESTS = ["exec", "local", "remote", "unix", "conc"]
-CRYPTO = ["-c", "aes128-ctr", "-m", "hmac-sha2-256", "-o", "KexAlgorithms=curve25519-sha256"]
+_KEX = ["-o", "KexAlgorithms=curve25519-sha256"]
+#: The algorithm configurations: what the ssh client is told, on both servers.
+CONFIGS: dict[str, list[str]] = {
+    "ctr": ["-c", "aes128-ctr", "-m", "hmac-sha2-256", *_KEX],
+    "default": [],
+    "gcm": ["-c", "aes128-gcm@openssh.com", *_KEX],
+}
 MIB = workloads.MIB
 
 
@@ -58,6 +63,17 @@ def parseArgs(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="repetitions (servers interleaved)")
     p.add_argument("--mbytes", type=int, default=256, help="MiB per throughput push")
     p.add_argument("--only", default=",".join(TESTS), help="comma-separated subset of the tests")
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="comma-separated algorithm configurations: " + ", ".join(CONFIGS),
+    )
+    p.add_argument(
+        "--agent-venv",
+        type=Path,
+        default=install.DEFAULT_VENV,
+        help="virtualenv the working tree's agent is installed into (outside any 0700 home)",
+    )
     p.add_argument("--json-out", type=Path, help="write every raw result and the summary here")
     p.add_argument("--servers", default="sshd,agent", help="which of sshd,agent to run")
     p.add_argument("--conns", type=int, default=200, help="concurrent connections (conc test)")
@@ -113,6 +129,10 @@ def parseArgs(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.only = [t.strip() for t in a.only.split(",") if t.strip()]
     a.servers = [s.strip() for s in a.servers.split(",") if s.strip()]
+    a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    for c in a.configs:
+        if c not in CONFIGS:
+            p.error(f"unknown configuration {c!r}; choose from {','.join(CONFIGS)}")
     for t in a.only:
         if t not in TESTS:
             p.error(f"unknown test {t!r}; choose from {','.join(TESTS)}")
@@ -137,14 +157,9 @@ class Bench:
         self.user: servers.BenchUser | None = None
         self.runs: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {}
+        self.twistd: Path | None = None
 
     # ---------------------------------------------------------------- setup --
-    def agentPythonPath(self) -> str | None:
-        current = os.environ.get("PYTHONPATH", "")
-        if AGENT_INSTALLED:
-            return current or None
-        return os.pathsep.join(filter(None, [str(REPO), current]))
-
     def start(self, name: str) -> servers.Server:
         assert self.keys and self.user
         if name == "sshd":
@@ -153,12 +168,13 @@ class Bench:
             sub = self.workdir / f"agent-{len(self.runs)}-{time.monotonic_ns()}"
             sub.mkdir()
             sub.chmod(0o755)
+            assert self.twistd is not None
             server = servers.startAgent(
                 sub,
                 self.keys,
                 self.user,
+                self.twistd,
                 agentAs=self.a.agent_as,
-                pythonPath=self.agentPythonPath(),
                 extraArgs=self.a.agent_arg,
                 profile=self.a.agent_cprofile is not None,
             )
@@ -166,9 +182,9 @@ class Bench:
         self.servers[name] = server
         return server
 
-    def client(self, server: servers.Server) -> workloads.Client:
+    def client(self, server: servers.Server, config: str) -> workloads.Client:
         assert self.keys and self.user
-        return workloads.Client(server.port, self.user.name, self.keys.client, list(CRYPTO))
+        return workloads.Client(server.port, self.user.name, self.keys.client, CONFIGS[config])
 
     def setUp(self) -> None:
         a = self.a
@@ -181,48 +197,48 @@ class Bench:
                 log("installing openssh-server ...")
                 servers.installOpenSSHServer()
                 servers.findSshd()
-        if "agent" in a.servers and importlib.util.find_spec("twisted") is None:
-            raise servers.BenchSetupError(
-                f"{sys.executable} has no Twisted: run from the venv where coderagent is "
-                "installed (or its requirements, with PYTHONPATH=<repo>), or use tox -e bench"
-            )
+        if "agent" in a.servers:
+            log(f"installing the agent from {REPO} into {a.agent_venv} ...")
+            self.twistd = install.installAgent(a.agent_venv)
         self.user = servers.ensureBenchUser(a.user)
         self.keys = servers.makeKeys(self.workdir)
         self.sink = workloads.startSink(self.workdir)
+        idle: dict[str, float] = {}
         for name in a.servers:
-            self.start(name)
+            server = self.start(name)
+            time.sleep(1.0)  # past start-up
+            idle[name] = round(treeMemory(processTree(server.pid))[0] / MIB, 1)
         self.meta = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-            "crypto": CRYPTO,
+            "configs": {c: CONFIGS[c] for c in a.configs},
+            "idle_rss_no_connection_MiB": idle,
             "login_user": self.user.name,
             "ssh": servers.versionOf(["ssh", "-V"]),
-            "python": f"{platform.python_implementation()} {platform.python_version()}",
-            "coderagent": self.agentOrigin(),
+            "python": servers.versionOf([str(self.twistd.parent / "python"), "-V"])
+            if self.twistd
+            else "-",
+            "coderagent": f"{install.describeTree()}, installed in {a.agent_venv}",
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "servers": {
                 n: {"port": s.port, "pid": s.pid, **s.notes} for n, s in self.servers.items()
             },
         }
-        try:
-            import twisted
-
-            self.meta["twisted"] = twisted.__version__
-        except ImportError:
-            pass
-
-    def agentOrigin(self) -> str:
-        if _AGENT_SPEC is not None:
-            where = _AGENT_SPEC.submodule_search_locations
-            return f"importable ({next(iter(where)) if where else '?'})"
-        return f"working tree ({REPO}) via PYTHONPATH"
+        if self.twistd is not None:
+            self.meta["twisted"] = servers.versionOf(
+                [
+                    str(self.twistd.parent / "python"),
+                    "-c",
+                    "import twisted; print(twisted.version.short())",
+                ]
+            )
 
     # ----------------------------------------------------------------- tests --
-    def runTest(self, test: str, server: servers.Server) -> dict[str, Any]:
+    def runTest(self, test: str, server: servers.Server, config: str) -> dict[str, Any]:
         a, sink = self.a, self.sink
         assert sink is not None
-        client = self.client(server)
+        client = self.client(server, config)
 
         def measure(clientPid: int | None) -> Measure:
             return Measure(server.pid, clientPid, maxSeconds=a.timeout + 60)
@@ -256,15 +272,17 @@ class Bench:
         log(f"raw loopback (pusher -> sink, no SSH): {self.meta['raw_loopback_MBps']} MB/s")
         if not a.no_probe:
             self.meta["probe"] = {}
-            for name, server in self.servers.items():
-                pr = workloads.probe(self.client(server), self.sink, self.workdir, a.timeout)
-                self.meta["probe"][name] = pr
-                log(f"probe {name}: {pr}")
+            for config in a.configs:
+                for name, server in self.servers.items():
+                    client = self.client(server, config)
+                    pr = workloads.probe(client, self.sink, self.workdir, a.timeout)
+                    self.meta["probe"][f"{config}/{name}"] = pr
+                    log(f"probe {config} {name}: {pr}")
         stopAt = time.monotonic() + a.deadline_min * 60
         names = list(self.servers)
         for rep in range(a.reps):
             order = names[rep % len(names) :] + names[: rep % len(names)]
-            for test in a.only:
+            for config, test in [(c, t) for c in a.configs for t in a.only]:
                 for name in order:
                     if time.monotonic() > stopAt:
                         log("deadline reached: no more tests")
@@ -275,12 +293,13 @@ class Bench:
                         server = self.start(name)
                     t0 = time.monotonic()
                     try:
-                        result = self.runTest(test, server)
+                        result = self.runTest(test, server, config)
                     except Exception as e:  # recorded; the run goes on
                         result = {"error": f"{type(e).__name__}: {e}"[:400]}
                     self.runs.append(
                         {
                             "rep": rep,
+                            "config": config,
                             "test": test,
                             "server": name,
                             "first": name == order[0],
@@ -288,7 +307,7 @@ class Bench:
                         }
                     )
                     log(
-                        f"rep {rep + 1}/{a.reps} {test:6} {name:5} "
+                        f"rep {rep + 1}/{a.reps} {config:7} {test:6} {name:5} "
                         f"{time.monotonic() - t0:5.1f}s  {brief(test, result)}"
                     )
 
@@ -312,23 +331,28 @@ class Bench:
     # ---------------------------------------------------------------- report --
     def report(self) -> bool:
         a = self.a
-        rows = report.summarize(self.runs, a.conns, a.conn_mbytes)
+        load = os.getloadavg()
         out = [
             "",
             f"coderagent benchmarks: {len({r['rep'] for r in self.runs})} repetition(s), "
             f"{a.mbytes} MiB per push, MB = 1e6 bytes, cells are median [min-max]",
-            f"algorithms forced on every connection: {' '.join(CRYPTO)}",
             f"login user {self.meta.get('login_user')}; "
             + "; ".join(
                 f"{n}: {s.get('runs as')}, pid {s.get('pid')}"
                 + (f", HOME {s['HOME']}" if "HOME" in s else "")
+                + (f", cwd {s['cwd']}" if "cwd" in s else "")
                 for n, s in self.meta.get("servers", {}).items()
             ),
             f"client {self.meta.get('ssh')}; agent {self.meta.get('coderagent')}, "
             f"Twisted {self.meta.get('twisted', '?')}, {self.meta.get('python')}",
             f"raw loopback through the same pusher/sink (no SSH): "
             f"{self.meta.get('raw_loopback_MBps')} MB/s; machine busy before the run: "
-            f"{self.meta.get('machine_busy_before', 0):.0%} of {os.cpu_count()} CPUs",
+            f"{self.meta.get('machine_busy_before', 0):.0%} of {os.cpu_count()} CPUs; "
+            f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+            "idle RSS, no connection: "
+            + ", ".join(
+                f"{n} {v} MiB" for n, v in self.meta.get("idle_rss_no_connection_MiB", {}).items()
+            ),
         ]
         for name, notes in self.meta.get("servers", {}).items():
             for key, value in notes.items():
@@ -337,21 +361,34 @@ class Bench:
                         f"{name}: not run as the login user: {value}; its HOME holds "
                         "copies of the login user's dotfiles"
                     )
-        for name, pr in self.meta.get("probe", {}).items():
-            out.append(
-                f"probe {name}: {pr.get('software')}, kex {pr.get('kex')}, {pr.get('cipher_mac')}, "
-                f"window/maxpacket session {pr.get('session_window')}, "
-                f"direct-tcpip {pr.get('direct_tcpip_window')}, "
-                f"forwarded-tcpip {pr.get('forwarded_tcpip_window')}"
-            )
-        out += [
-            "",
-            report.mainTable(rows),
-            "",
-            "Server resources during each test (median; peak RSS is the max over repetitions):",
-            "",
-            report.resourceTable(self.runs, list(self.servers)),
-        ]
+        ok = True
+        summary: dict[str, list[dict[str, Any]]] = {}
+        for config in a.configs:
+            runs = [r for r in self.runs if r.get("config") == config]
+            if not runs:
+                continue
+            rows = report.summarize(runs, a.conns, a.conn_mbytes, baseline=config == "default")
+            summary[config] = [vars(r) for r in rows]
+            ok = ok and report.allPass(rows)
+            crypto = " ".join(CONFIGS[config]) or "nothing forced (default negotiation)"
+            out += ["", f"## {config}: {crypto}", ""]
+            for key, pr in self.meta.get("probe", {}).items():
+                if key.startswith(config + "/"):
+                    out.append(
+                        f"probe {key.split('/', 1)[1]}: {pr.get('software')}, kex {pr.get('kex')}, "
+                        f"{pr.get('cipher_mac')}, window/maxpacket session "
+                        f"{pr.get('session_window')}, "
+                        f"direct-tcpip {pr.get('direct_tcpip_window')}, "
+                        f"forwarded-tcpip {pr.get('forwarded_tcpip_window')}"
+                    )
+            out += [
+                "",
+                report.mainTable(rows),
+                "",
+                "Server resources during each test (median; peak RSS is the max over repetitions):",
+                "",
+                report.resourceTable(runs, list(self.servers)),
+            ]
         errors = report.errorLines(self.runs)
         if errors:
             out += ["", "Errors:"] + [f"  {e}" for e in errors[:30]]
@@ -359,14 +396,14 @@ class Bench:
         if a.json_out:
             a.json_out.write_text(
                 json.dumps(
-                    {"meta": self.meta, "runs": self.runs, "summary": [vars(r) for r in rows]},
+                    {"meta": self.meta, "runs": self.runs, "summary": summary},
                     indent=1,
                     sort_keys=True,
                 )
                 + "\n"
             )
             log(f"wrote {a.json_out}")
-        return report.allPass(rows)
+        return ok
 
 
 def brief(test: str, result: dict[str, Any]) -> str:

@@ -4,8 +4,10 @@
   ed25519 host key, ``AuthorizedKeysFile <tmp>/authorized_keys``.  Not a
   system service: nothing outside the temporary directory is used except the
   privilege-separation directory ``/run/sshd`` that sshd insists on.
-- The agent: ``twistd -n --pidfile= coder-agent --ssh-endpoint=tcp:0:...``; the
-  port is read from its log line ``SSH server listening on 127.0.0.1:PORT``.
+- The agent: installed in a venv of its own (:mod:`benchmarks.install`),
+  ``twistd -n --pidfile= coder-agent --ssh-endpoint=tcp:PORT:...`` started
+  from ``/``, not from its sessions' ``$HOME``, with the options of the peer
+  harness (:data:`AGENT_QUIET`).
 
 Both are logged into as the same user.  As root that is a dedicated user
 (``coderbench`` by default, created with ``useradd -m -s /bin/bash``), because
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -42,7 +43,6 @@ INSTALL_HINT = (
     "apt-get install openssh-server (as root; no service needs to run), "
     "or rerun with --install"
 )
-AGENT_LISTENING = re.compile(r"SSH server listening on 127\.0\.0\.1:(\d+)")
 START_TIMEOUT = 60.0
 STD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -326,14 +326,6 @@ def startSshd(workdir: Path, keys: Keys, user: BenchUser, attempts: int = 3) -> 
     raise BenchSetupError(f"sshd did not start; its log ({log}):\n{tail(log)}")
 
 
-def twistdCommand() -> list[str]:
-    """twistd of the interpreter running the benchmark (the venv's)."""
-    candidate = Path(sys.executable).parent / "twistd"
-    if candidate.exists():
-        return [str(candidate)]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
 #: twistd under cProfile.  twistd ends a signalled run by killing itself with
 #: the same signal (``app._exitWithSignal``), which would skip ``python -m
 #: cProfile``'s dump; this dumps first.  argv[1] is the output file.
@@ -359,31 +351,29 @@ finally:
 """
 
 
-def _agentEnvironment(home: str, user: BenchUser, pythonPath: str | None) -> dict[str, str]:
+def _agentEnvironment(home: str, user: BenchUser, venvBin: Path) -> dict[str, str]:
     """A small, explicit environment: no CODER_* or other settings leak in."""
-    env = {
+    return {
         "HOME": home,
         "USER": user.name,
         "LOGNAME": user.name,
-        "PATH": f"{Path(sys.executable).parent}:{STD_PATH}",
+        "SHELL": user.shell,
+        "PATH": f"{venvBin}:{STD_PATH}",
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    if pythonPath:
-        env["PYTHONPATH"] = pythonPath
-    return env
 
 
-def canRunAs(user: BenchUser, env: dict[str, str]) -> tuple[bool, str]:
-    """Can ``user`` execute this interpreter and import the agent?"""
+def canRunAs(user: BenchUser, python: Path, env: dict[str, str]) -> tuple[bool, str]:
+    """Can ``user`` execute the agent's interpreter and import the agent?"""
     r = subprocess.run(
-        [*_setpriv(user), sys.executable, "-c", "import twisted.scripts.twistd, coderagent.tap"],
+        [*_setpriv(user), str(python), "-c", "import twisted.scripts.twistd, coderagent.tap"],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
-        cwd="/",
+        cwd=AGENT_CWD,
     )
     return r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
 
@@ -392,33 +382,52 @@ def _setpriv(user: BenchUser) -> list[str]:
     return ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--"]
 
 
+#: Where the agent is started: not its sessions' $HOME, as in a workspace
+#: (where it starts from / or its install directory).  Twisted could
+#: otherwise start sessions with posix_spawn where a real agent forks.
+AGENT_CWD = "/"
+
+#: The options the peer harness (../shared/bench/run_all.py) runs the agent
+#: with: no metrics, debug or pprof listeners, no boundary socket, no human log.
+AGENT_QUIET = [
+    "--prometheus-address=",
+    "--debug-address=",
+    "--pprof-address=",
+    "--boundary-log-proxy-socket-path=",
+    "--log-human=/dev/null",
+]
+
+
 def startAgent(
     workdir: Path,
     keys: Keys,
     user: BenchUser,
+    twistd: Path,
     *,
     agentAs: str = "auto",
-    pythonPath: str | None = None,
     extraArgs: list[str] | tuple[str, ...] = (),
     profile: bool = False,
 ) -> Server:
-    """Start ``twistd -n coder-agent`` on an ephemeral 127.0.0.1 port.
+    """Start the installed ``twistd -n coder-agent`` on an ephemeral 127.0.0.1 port.
 
     ``agentAs``: ``bench`` runs it as ``user`` (needs root), ``self`` as the
     invoking user with a temporary ``$HOME``, ``auto`` picks ``bench`` when
-    ``user`` can run this interpreter.  ``profile`` runs twistd under
-    cProfile; the stats land in ``server.profile`` when the agent stops.
+    ``user`` can run the installed agent.  It starts in :data:`AGENT_CWD`.
+    ``profile`` runs twistd under cProfile; the stats land in
+    ``server.profile`` when the agent stops.
     """
+    venvBin = twistd.parent
+    python = venvBin / "python"
     switch = os.geteuid() == 0 and user.uid != os.geteuid() and agentAs != "self"
     notes: dict[str, str] = {}
     if switch:
-        ok, why = canRunAs(user, _agentEnvironment(user.home, user, pythonPath))
+        ok, why = canRunAs(user, python, _agentEnvironment(user.home, user, venvBin))
         if not ok:
             if agentAs == "bench":
-                raise BenchSetupError(f"user {user.name} cannot run {sys.executable}: {why}")
+                raise BenchSetupError(f"user {user.name} cannot run {python}: {why}")
             switch = False
             notes["why not as " + user.name] = (
-                f"{user.name} cannot execute {sys.executable} ({why.strip()[:80]})"
+                f"{user.name} cannot execute {python} ({why.strip()[:80]})"
             )
     data = workdir / "agent-data"
     data.mkdir(mode=0o700)
@@ -436,7 +445,7 @@ def startAgent(
         if me.uid == user.uid:
             home = user.home  # not root: one user for both servers, its real home
         else:
-            # root, but the bench user cannot run our Python: a home of our
+            # root, but the bench user cannot run the agent: a home of our
             # own with the bench user's dotfiles, so the shell reads the same.
             fake = workdir / "agent-home"
             fake.mkdir(mode=0o755)
@@ -448,38 +457,35 @@ def startAgent(
         prefix = []
     notes["runs as"] = runAs.name
     notes["HOME"] = home
+    notes["cwd"] = AGENT_CWD
+    notes["installed in"] = str(venvBin.parent)
     profileOut = data / "agent.prof"  # data is writable by the agent's user
-    twistd = (
-        [sys.executable, "-c", PROFILED_TWISTD, str(profileOut)] if profile else twistdCommand()
-    )
-    args = [
-        *prefix,
-        *twistd,
-        "-n",
-        "--pidfile=",
-        "coder-agent",
-        "--ssh-endpoint=tcp:0:interface=127.0.0.1",
-        "--agent-url=http://127.0.0.1:9",
-        "--agent-token=bench",
-        f"--ssh-authorized-keys={keys.authorizedKeys}",
-        f"--script-data-dir={data}",
-        f"--log-dir={data}",
-        *extraArgs,
-    ]
-    env = _agentEnvironment(home, runAs, pythonPath)
-    with open(log, "ab") as out:
-        proc = Proc(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=home)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        m = AGENT_LISTENING.search(tail(log, 1 << 20))
-        if m:
-            port = int(m.group(1))
-            if waitBanner(port, proc, 10):
-                server = Server("agent", proc, port, runAs.name, log, notes)
-                server.profile = profileOut if profile else None
-                return server
-        if not proc.alive():
-            break
-        time.sleep(0.05)
-    proc.stop()
+    command = [str(python), "-c", PROFILED_TWISTD, str(profileOut)] if profile else [str(twistd)]
+    env = _agentEnvironment(home, runAs, venvBin)
+    for _ in range(3):  # a port free a moment ago may be taken meanwhile
+        port = freePort()
+        args = [
+            *prefix,
+            *command,
+            "-n",
+            "--pidfile=",
+            "coder-agent",
+            f"--ssh-endpoint=tcp:{port}:interface=127.0.0.1",
+            "--agent-url=http://127.0.0.1:9",
+            "--agent-token=bench",
+            f"--ssh-authorized-keys={keys.authorizedKeys}",
+            f"--script-data-dir={data}",
+            f"--log-dir={data}",
+            *AGENT_QUIET,
+            *extraArgs,
+        ]
+        with open(log, "ab") as out:
+            proc = Proc(
+                args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=AGENT_CWD
+            )
+        if waitBanner(port, proc, START_TIMEOUT):
+            server = Server("agent", proc, port, runAs.name, log, notes)
+            server.profile = profileOut if profile else None
+            return server
+        proc.stop()
     raise BenchSetupError(f"the agent did not start; its log ({log}):\n{tail(log)}")

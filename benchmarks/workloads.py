@@ -38,6 +38,8 @@ from typing import Any, Protocol
 from benchmarks.servers import Proc, freePort
 
 MIB = 1 << 20
+#: Channel data per full SSH packet: both servers and the client use 32 KiB.
+PACKET_DATA = 32 * 1024
 HEADER = struct.Struct(">Q")
 ACK = b"K"
 ACK_LEN = 1 + HEADER.size
@@ -393,6 +395,10 @@ def throughput(
             "MiB": size // MIB,
             "seconds": round(seconds, 3),
             "server_cpu_s_per_GB": round((m.result["server_cpu_s"] or 0) / (size / 1e9), 2),
+            # Bulk data travels in full packets (32 KiB of data each, both servers).
+            "server_cpu_us_per_packet": round(
+                (m.result["server_cpu_s"] or 0) * 1e6 / (size / PACKET_DATA), 1
+            ),
             **m.result,
         }
 

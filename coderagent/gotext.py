@@ -2,13 +2,15 @@
 
 Error texts that a Go client or an operator greps for (drpcmux's
 ``unknown rpc: "<name>"``, a dial error's ``%q`` path, slog's quoted field
-values) are produced by ``strconv.Quote``; this is its one Python copy.
+values) are produced by ``strconv.Quote``; this is its one Python copy.  Templates'
+``$VARS`` are expanded by ``os.Expand``'s rules (:func:`goExpand`), and
 :func:`signalText` is Go's text for a process a signal killed.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 
 
 def goQuote(text: bytes | str) -> str:
@@ -109,3 +111,64 @@ def signalText(number: int, coreDumped: bool = False) -> str:
         described = None
     text = f"signal: {described[:1].lower()}{described[1:]}" if described else f"signal: {number}"
     return text + " (core dumped)" if coreDumped else text
+
+
+# -- os.Expand -----------------------------------------------------------------------
+
+_SHELL_SPECIAL = frozenset("*#$@!?-0123456789")
+
+
+def _isAlphaNum(c: str) -> bool:
+    return c == "_" or "0" <= c <= "9" or "a" <= c <= "z" or "A" <= c <= "Z"
+
+
+def _shellName(s: str) -> tuple[str, int]:
+    """Go's ``getShellName``: the name after a ``$`` and how many characters it takes.
+
+    ``("", n)`` with ``n > 0`` is bad syntax (the characters are eaten);
+    ``("", 0)`` means no name follows (the ``$`` stays).
+    """
+    if s[0] == "{":
+        if len(s) > 2 and s[1] in _SHELL_SPECIAL and s[2] == "}":
+            return s[1:2], 3
+        end = s.find("}", 1)
+        if end == -1:
+            return "", 1  # bad syntax: eat "${"
+        if end == 1:
+            return "", 2  # bad syntax: eat "${}"
+        return s[1:end], end + 1
+    if s[0] in _SHELL_SPECIAL:
+        return s[0], 1
+    i = 0
+    while i < len(s) and _isAlphaNum(s[i]):
+        i += 1
+    return s[:i], i
+
+
+def goExpand(text: str, lookup: Callable[[str], str]) -> str:
+    """Go's ``os.Expand``: ``$NAME`` and ``${NAME}`` replaced by ``lookup(NAME)``.
+
+    Exactly Go's rules, since templates are written against them: a ``$``
+    not followed by a name stays, ``${}`` and an unterminated ``${`` are
+    dropped, ``$1``, ``$$`` and the other shell specials are one-character
+    names, and there is no escaping.
+    """
+    if "$" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    j = 0
+    n = len(text)
+    while j < n:
+        if text[j] == "$" and j + 1 < n:
+            out.append(text[i:j])
+            name, width = _shellName(text[j + 1 :])
+            if name:
+                out.append(lookup(name))
+            elif width == 0:
+                out.append("$")
+            j += width
+            i = j + 1
+        j += 1
+    out.append(text[i:])
+    return "".join(out)

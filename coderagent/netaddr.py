@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from typing import Any
 
 #: What a log line shows for an address that is not known (disconnected, or not IP).
@@ -80,3 +81,18 @@ def describeAddress(address: Any) -> str:
 def describePeer(transport: Any) -> str:
     """The remote end of ``transport`` (``?`` once it is gone)."""
     return describeAddress(transport.getPeer() if transport is not None else None)
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to for a stream connection, in the system
+    resolver's order and without repeats (blocking: call it in a thread).
+
+    The forwarding policy decides on exactly these, and a forward connects only to
+    the ones it allowed, so the policy explainer uses the same lookup.
+    """
+    found: list[str] = []
+    for *_, sockaddr in socket.getaddrinfo(host or "localhost", port, 0, socket.SOCK_STREAM):
+        address = str(sockaddr[0])
+        if address not in found:
+            found.append(address)
+    return found

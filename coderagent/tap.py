@@ -1,13 +1,14 @@
 """``twistd coder-agent``: parse the options and wire the services together.
 
 Wiring only: each concept is built by its own package (``ssh``, ``policy``,
-``coderd``, ``reporting``, ``boundary``, ``observe``, ``control``), which
-also does its own I/O when its service starts (host keys, the token file,
-log files, the spool), never here.  Everything goes into one
-``MultiService``: the coderd client with the services that talk through it
-as its children, then the SSH server (which serves whether or not coderd is
-reachable), the two stopped in turn, the SSH server first, so that what its
-sessions' ends report still reaches coderd.
+``coderd``, ``scripts``, ``reporting``, ``boundary``, ``observe``,
+``control``), which also does its own I/O when its service starts (host
+keys, the token file, log files, the spool), never here.  Everything goes
+into one ``MultiService``; the SSH server (it serves whether or not coderd
+is reachable) and the coderd client (with the services that talk through it
+as its children) are started, and stopped in upstream's order, by
+:class:`~coderagent.agentlifecycle.AgentLifecycle`: the SSH server first, so
+that what its sessions' ends report still reaches coderd.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Any
 
 from twisted.application.service import MultiService
 
+from coderagent.agentlifecycle import AgentLifecycle
 from coderagent.boundary.service import BoundaryService
 from coderagent.boundary.spool import Spool
+from coderagent.coderd.banners import AnnouncementBanners
 from coderagent.coderd.client import CoderdClient
 from coderagent.coderd.credentials import CredentialsError, checkCredentials
-from coderagent.coderd.lifecycle import Reporter, expandDirectory, sessionVariables
+from coderagent.coderd.lifecycle import Reporter
 from coderagent.control.server import controlSocket
+from coderagent.descriptors import DescriptorReserve, OpenFileLimit
 from coderagent.listening import ListeningService
 from coderagent.observe.connections import describeConnections
 from coderagent.observe.logs import LogDestinations, LoggingRoot, RecentLines, StartupReport
@@ -32,6 +36,7 @@ from coderagent.observe.servers import httpServers
 from coderagent.observe.status import AgentStatus, serving
 from coderagent.options import Options
 from coderagent.policy import Policy
+from coderagent.policy.reload import PolicyFileService
 from coderagent.reaper import Reaper
 from coderagent.reporting.activity import SSHActivity, connectionsByProto
 from coderagent.reporting.apphealth import AppHealthReporter, httpProbe
@@ -40,18 +45,25 @@ from coderagent.reporting.connlog import ConnectionLog
 from coderagent.reporting.metadata import MetadataReporter
 from coderagent.reporting.resources import ResourcesMonitor
 from coderagent.reporting.stats import StatsReporter, StatsSources
-from coderagent.services import StopInOrder
+from coderagent.scripts.logsender import LogSender
+from coderagent.scripts.runner import ScriptRunner, scriptBinDir
+from coderagent.scripts.timings import TimingReporter
 from coderagent.signals import GracefulSignals
 from coderagent.ssh.auth import makePortal
 from coderagent.ssh.avatar import AgentRealm
-from coderagent.ssh.environment import UserInfo, sessionEnvironment
 from coderagent.ssh.factory import AgentSSHFactory, SSHConfig
+from coderagent.ssh.forwarding import recheckReverseForwards
 from coderagent.ssh.hostkeys import HostKeyError, loadHostKeys
+from coderagent.ssh.limits import SSHLimits
+from coderagent.ssh.motd import LoginMessage
 from coderagent.ssh.session import SessionContext
 from coderagent.ssh.sftp import AgentSFTPServer
 from coderagent.startup import Preflight
+from coderagent.unixsocket import ServedSockets
+from coderagent.workspaceenv import UserInfo, WorkspaceEnvironment
 
 __all__ = ["Options", "makeService"]
+
 
 def makeService(
     options: Mapping[str, Any],
@@ -85,13 +97,21 @@ def makeService(
     top = LoggingRoot(lambda: destinations.open(recent))
     preflight = Preflight()
     preflight.setServiceParent(top)
+    OpenFileLimit().setServiceParent(top)
     status = AgentStatus(clock=reactor.seconds)
     StartupReport(_ignored(options)).setServiceParent(top)
     GracefulSignals(reactor).setServiceParent(top)
 
+    #: Every Unix socket path the agent serves: SSH forwards may not take them.
+    served = ServedSockets()
     token = credentials.token or preflight.load(credentials.readToken, CredentialsError)
     hostKeyDir = options["ssh-host-key-dir"]
     hostKeys = preflight.load(lambda: loadHostKeys(hostKeyDir), HostKeyError)
+    workspace = WorkspaceEnvironment(
+        agentEnvironment=environ,
+        user=UserInfo.current(environ),
+        scriptBinDir=scriptBinDir(options["script-data-dir"]),
+    )
     coderd = CoderdClient(
         url=credentials.url,
         token=token,
@@ -100,15 +120,27 @@ def makeService(
         reactor=reactor,
         environ=environ,
     )
+    banners = AnnouncementBanners(coderd, reactor)
+    banners.setServiceParent(coderd)
+    login = LoginMessage(workspace, lambda: banners.current)
+    policy = Policy(
+        blockFileTransfer=options["block-file-transfer"],
+        blockLocalPortForwarding=options["block-local-port-forwarding"],
+        blockReversePortForwarding=options["block-reverse-port-forwarding"],
+    )
     connectionLog = ConnectionLog(coderd, clock=reactor)
     activity = SSHActivity(connectionLog)
-    context, factory = _ssh(options, reactor, environ, metrics, hostKeys, activity)
-    # The SSH server stops first, and the coderd client only once it has: the
-    # sessions its goodbye ends are still logged to coderd.
-    coderdThenSSH = StopInOrder()
-    coderdThenSSH.setServiceParent(top)
-    coderd.setServiceParent(coderdThenSSH)
-    sshServer = ListeningService(
+    factory = _ssh(options, reactor, policy, workspace, metrics, hostKeys, login, served, activity)
+    if options["forwarding-policy-file"]:
+        PolicyFileService(
+            options["forwarding-policy-file"],
+            policy,
+            reactor=reactor,
+            onLoaded=lambda rules, when: metrics.policyLoadedNow(rules.digest, rules.mode, when),
+            onError=metrics.policyReloadErrors.inc,
+            onChange=lambda: recheckReverseForwards(factory.connections),
+        ).setServiceParent(top)  # loaded before the SSH server starts: it listens under it
+    ssh = ListeningService(
         reactor=reactor,
         description=options["ssh-endpoint"],
         factory=factory,
@@ -117,17 +149,27 @@ def makeService(
         drain=factory.shutdown,
         prepare=factory.loadHostKeys,
     )
-    sshServer.setServiceParent(coderdThenSSH)
-    status.add(
-        "ssh", lambda: {"serving": sshServer.listening, "connections": len(factory.connections)}
-    )
-    status.check(serving(sshServer, "SSH"))
-    Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
+    status.add("ssh", lambda: {"serving": ssh.listening, "connections": len(factory.connections)})
+    status.check(serving(ssh, "SSH"))
 
-    reporter = Reporter(coderd, environ, reactor)
-    reporter.onManifest(lambda manifest: context.overrides.update(sessionVariables(manifest)))
+    reporter = Reporter(coderd, workspace.expandDirectory, reactor)
+    # First of the manifest's listeners: the scripts that AgentLifecycle starts see it.
+    reporter.onManifest(lambda manifest, first: workspace.update(manifest))
     reporter.setServiceParent(coderd)
-    _boundary(options, reactor, metrics, context, status, coderd).setServiceParent(coderd)
+    _boundary(options, reactor, metrics, workspace, status, coderd, served).setServiceParent(coderd)
+    scripts = _scripts(options, reactor, metrics, workspace, status, coderd)
+    AgentLifecycle(
+        reporter=reporter,
+        ssh=ssh,
+        coderd=coderd,
+        clock=reactor,
+        scripts=scripts,
+        drains=[scripts.drain, connectionLog.drain],
+    ).setServiceParent(top)
+    Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
+    stats = _reporting(
+        coderd, reporter, connectionLog, activity, factory, workspace, metrics, status
+    )
     status.add(
         "coderd",
         lambda: {
@@ -136,9 +178,6 @@ def makeService(
             "lifecycle": reporter.reportedState,
             "last_stats_report_seconds_ago": stats.lastReportAge(),
         },
-    )
-    stats = _reporting(
-        coderd, reporter, connectionLog, activity, factory, context, metrics, environ, status
     )
 
     for server in httpServers(
@@ -154,31 +193,39 @@ def makeService(
     ):
         server.setServiceParent(top)
     if options["socket-server-enabled"]:
-        controlSocket(options["socket-path"], reactor, status).setServiceParent(top)
+        controlSocket(options["socket-path"], reactor, status, served=served).setServiceParent(top)
     return top
 
 
 def _ssh(
     options: Mapping[str, Any],
     reactor: Any,
-    environ: dict[str, str],
+    policy: Policy,
+    workspace: WorkspaceEnvironment,
     metrics: AgentMetrics,
     hostKeys: Callable[[], Mapping[bytes, Any]],
+    loginMessage: Callable[[], bytes],
+    served: ServedSockets,
     events: SSHActivity,
-) -> tuple[SessionContext, AgentSSHFactory]:
+) -> AgentSSHFactory:
     """The SSH server: what its sessions see, and the factory (host keys load on start)."""
-    policy = Policy(
-        blockFileTransfer=options["block-file-transfer"],
-        blockLocalPortForwarding=options["block-local-port-forwarding"],
-        blockReversePortForwarding=options["block-reverse-port-forwarding"],
-    )
     context = SessionContext(
         policy=policy,
         reactor=reactor,
-        user=UserInfo.current(environ),
-        agentEnvironment=environ,
+        user=workspace.user,
+        agentEnvironment=workspace.agentEnvironment,
+        workspace=workspace,
         sftpServer=AgentSFTPServer,
         metrics=metrics,
+        loginMessage=loginMessage,
+        servedSockets=served,
+        limits=SSHLimits(
+            maxSessions=options["ssh-max-sessions"],
+            maxChannels=options["ssh-max-channels"],
+            maxReverseForwards=options["ssh-max-reverse-forwards"],
+            maxEnvBytes=options["ssh-max-env-bytes"],
+        ),
+        descriptors=DescriptorReserve(),
         events=events,
     )
     factory = AgentSSHFactory(
@@ -192,16 +239,43 @@ def _ssh(
         reactor=reactor,
         metrics=metrics,
     )
-    return context, factory
+    return factory
+
+
+def _scripts(
+    options: Mapping[str, Any],
+    reactor: Any,
+    metrics: AgentMetrics,
+    workspace: WorkspaceEnvironment,
+    status: AgentStatus,
+    coderd: CoderdClient,
+) -> ScriptRunner:
+    """The ``coder_script`` runner, and what carries its logs and timings to coderd."""
+    logs = LogSender(coderd, reactor, onDrop=metrics.scriptLogLinesDroppedBy)
+    logs.setServiceParent(coderd)
+    timings = TimingReporter(coderd, reactor)
+    timings.setServiceParent(coderd)
+    runner = ScriptRunner(
+        reactor=reactor,
+        workspace=workspace,
+        dataDirBase=options["script-data-dir"],
+        logDir=options["log-dir"],
+        logs=logs,
+        timings=timings,
+        metrics=metrics,
+    )
+    status.add("scripts", runner.status)
+    return runner
 
 
 def _boundary(
     options: Mapping[str, Any],
     reactor: Any,
     metrics: AgentMetrics,
-    context: SessionContext,
+    workspace: WorkspaceEnvironment,
     status: AgentStatus,
     coderd: CoderdClient,
+    served: ServedSockets,
 ) -> BoundaryService:
     """The spool, the socket that fills it and the forwarder that empties it."""
     spool = Spool(
@@ -218,7 +292,8 @@ def _boundary(
         metrics=metrics,
         reactor=reactor,
         socketPath=socketPath,
-        announce=lambda path: context.overrides.update(CODER_BOUNDARY_LOG_SOCKET=path),
+        served=served,
+        announce=lambda path: workspace.setVariable("CODER_BOUNDARY_LOG_SOCKET", path),
     )
     status.add(
         "boundary",
@@ -239,13 +314,12 @@ def _reporting(
     connectionLog: ConnectionLog,
     activity: SSHActivity,
     factory: AgentSSHFactory,
-    context: SessionContext,
+    workspace: WorkspaceEnvironment,
     metrics: AgentMetrics,
-    environ: Mapping[str, str],
     status: AgentStatus,
 ) -> StatsReporter:
     """What the agent reports to coderd besides its lifecycle (``coderagent.reporting``)."""
-    reactor = context.reactor
+    reactor = factory.reactor
     connectionLog.setServiceParent(coderd)
     stats = StatsReporter(
         coderd,
@@ -263,10 +337,11 @@ def _reporting(
         manifest=lambda: reporter.manifest,
         runner=CommandRunner(
             reactor=reactor,
-            shell=context.user.shell,
-            home=context.user.home,
-            environment=lambda: _commandEnvironment(context),
-            directory=lambda: _workspaceDirectory(reporter, environ),
+            shell=workspace.user.shell,
+            home=workspace.home,
+            # What upstream's metadata commands get: a session's environment, no client.
+            environment=lambda: workspace.commandEnvironment(workspace.baseEnvironment()),
+            directory=workspace.workingDirectory,
         ),
         clock=reactor,
     )
@@ -275,7 +350,7 @@ def _reporting(
     resources.setServiceParent(coderd)
     appHealth = AppHealthReporter(coderd, clock=reactor, probe=httpProbe(reactor))
     appHealth.setServiceParent(coderd)
-    reporter.onManifest(appHealth.manifestReceived)
+    reporter.onManifest(lambda manifest, first: appHealth.manifestReceived(manifest))
     status.add(
         "reporting",
         lambda: {
@@ -287,29 +362,6 @@ def _reporting(
         },
     )
     return stats
-
-
-def _commandEnvironment(context: SessionContext) -> dict[str, str]:
-    """What the commands the agent runs for the workspace (metadata scripts) run with.
-
-    For now the sessions' environment without a client, as upstream's
-    ``CreateCommand`` gives them (placeholder ``SSH_CLIENT``); the one place to
-    switch to the manifest-aware environment of workspace commands.
-    """
-    return sessionEnvironment(
-        agentEnvironment=context.agentEnvironment,
-        clientEnvironment=(),
-        user=context.user,
-        defaults=context.defaults,
-        overrides=context.overrides,
-        peer=("0.0.0.0", 0),  # noqa: S104 - upstream's placeholder, not a bind address
-        local=("0.0.0.0", 0),  # noqa: S104
-    )
-
-
-def _workspaceDirectory(reporter: Reporter, environ: Mapping[str, str]) -> str:
-    manifest = reporter.manifest
-    return expandDirectory(manifest.directory if manifest else "", environ)
 
 
 def _ignored(options: Mapping[str, Any]) -> list[str]:

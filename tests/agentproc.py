@@ -63,14 +63,43 @@ class ClientKeys:
         return cls(directory, key, other, authorized)
 
 
+#: Every process of ours started here whose log has not been checked to its end.
+_WATCHED: list[LoggedProcess] = []
+
+
 @dataclass
 class LoggedProcess:
-    """A process of ours whose stderr (its log) is read by a thread."""
+    """A process of ours whose stderr (its log) is read by a thread.
+
+    No process of ours may log a traceback: client input must never cause
+    one, and a bug must not hide in a passing test.  Every such process is
+    watched from its creation; :func:`newTracebacks` (called after every test
+    by the fixture in ``tests/conftest.py``, and when :func:`runningAgent`
+    stops an agent) returns what it logged since the last look.  A process
+    that is meant to log one says why in ``tracebacksExpected``.
+    """
 
     process: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
     _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
     _cursor: int = 0
+    #: Why this process may log tracebacks (empty: it may not).
+    tracebacksExpected: str = ""
+    #: How many of ``lines`` the traceback check has looked at.
+    _checked: int = 0
+    stopped: bool = False
+
+    def __post_init__(self) -> None:
+        _WATCHED.append(self)
+
+    def uncheckedTracebacks(self) -> str:
+        """The log lines since the last check, if they hold a traceback (else empty)."""
+        self.drain()
+        start, self._checked = self._checked, len(self.lines)
+        fresh = self.lines[start:]
+        if self.tracebacksExpected or not any("Traceback" in line for line in fresh):
+            return ""
+        return "".join(fresh)
 
     def startReading(self) -> None:
         threading.Thread(target=self._pump, daemon=True).start()
@@ -159,7 +188,13 @@ class LoggedProcess:
         self.drain()
         return "".join(self.lines)
 
+    def describe(self) -> str:
+        args = self.process.args
+        name = args[args.index("-n") + 2] if isinstance(args, list) and "-n" in args else "?"
+        return f"{name} (pid {self.process.pid})"
+
     def stop(self) -> int:
+        self.stopped = True
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -169,6 +204,22 @@ class LoggedProcess:
                 self.process.wait()
         self.drain()
         return self.process.returncode
+
+
+def newTracebacks() -> list[str]:
+    """What watched processes logged with a traceback since the last call.
+
+    A process that has been stopped (and so read to its end) is checked one
+    last time and then no longer watched.
+    """
+    found = []
+    for watched in list(_WATCHED):
+        excerpt = watched.uncheckedTracebacks()
+        if excerpt:
+            found.append(f"{watched.describe()} logged a traceback:\n{excerpt}")
+        if watched.stopped:
+            _WATCHED.remove(watched)
+    return found
 
 
 @dataclass
@@ -258,9 +309,10 @@ def agentEnvironment(home: Path, extra: Mapping[str, str] | None = None) -> dict
 
 
 def spawnAgent(
-    args: Sequence[str], env: Mapping[str, str], prefix: Sequence[str] = ()
+    args: Sequence[str], env: Mapping[str, str], prefix: Sequence[str] = (), umask: int = -1
 ) -> subprocess.Popen[str]:
-    """``prefix`` runs the agent under another command (``unshare …``)."""
+    """``prefix`` runs the agent under another command (``unshare …``); ``umask``
+    (if not -1) is the agent's umask."""
     return subprocess.Popen(
         [*prefix, *twistdCommand(), "-n", "--pidfile=", "coder-agent", *args],
         env=dict(env),
@@ -269,6 +321,7 @@ def spawnAgent(
         stderr=subprocess.PIPE,
         text=True,
         cwd=str(REPO),
+        umask=umask,
     )
 
 
@@ -278,13 +331,25 @@ def runningAgent(
     workdir: Path,
     extraArgs: Sequence[str] = (),
     extraEnv: Mapping[str, str] | None = None,
+    *,
+    prefix: Sequence[str] = (),
+    umask: int = -1,
+    tracebacksExpected: str = "",
 ) -> Iterator[Agent]:
-    """Start an agent on an ephemeral loopback port; stop it afterwards."""
+    """Start an agent on an ephemeral loopback port; stop it afterwards.
+
+    ``prefix`` runs it under another command (``prlimit …``), ``umask`` (if
+    not -1) with that umask.  When the block ends without an error, the
+    agent's log must not hold a traceback, unless ``tracebacksExpected``
+    says why it may.
+    """
     home = workdir / "home"
     home.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
-    proc = spawnAgent(agentArgs(keys, data, extraArgs), agentEnvironment(home, extraEnv))
-    agent = Agent(proc, home=home)
+    proc = spawnAgent(
+        agentArgs(keys, data, extraArgs), agentEnvironment(home, extraEnv), prefix, umask
+    )
+    agent = Agent(proc, home=home, tracebacksExpected=tracebacksExpected)
     agent.startReading()
     try:
         m = agent.waitForLog(LISTENING, timeout=START_TIMEOUT)
@@ -292,6 +357,9 @@ def runningAgent(
         yield agent
     finally:
         agent.stop()
+    excerpt = agent.uncheckedTracebacks()
+    if excerpt:
+        raise AssertionError(f"{agent.describe()} logged a traceback:\n{excerpt}")
 
 
 def sshOptions(agent: Agent, key: Path) -> list[str]:

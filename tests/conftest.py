@@ -7,8 +7,22 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_twisted
 
-from tests.agentproc import Agent, ClientKeys, runningAgent
+from tests.agentproc import Agent, ClientKeys, newTracebacks, runningAgent
 from tests.localcoderd import Coderd
+
+
+@pytest.fixture(autouse=True)
+def noTracebackInOurLogs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test during which a process of ours (agent, coderd-dev) logged a traceback.
+
+    Client input must never produce one, and a bug must not pass unseen.  A
+    test that provokes one on purpose says why with
+    ``@pytest.mark.allows_traceback("why")``.
+    """
+    yield
+    found = newTracebacks()
+    if found and request.node.get_closest_marker("allows_traceback") is None:
+        pytest.fail("\n".join(found), pytrace=False)
 
 
 @pytest.fixture(scope="session")

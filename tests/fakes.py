@@ -11,6 +11,8 @@ class.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.conch.ssh.common import NS
@@ -28,6 +30,8 @@ from coderagent.reporting.connlog import ConnectionLog
 from coderagent.ssh.forwarding import installForwarding
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
 from coderagent.ssh.interfaces import IChannelWindows
+from coderagent.ssh.limits import ConnectionLimits
+from coderagent.unixsocket import ServedSockets
 
 # -- packets -------------------------------------------------------------------
 
@@ -119,6 +123,10 @@ class FakeConn:
     def sendData(self, chan: Any, data: bytes) -> None:
         self.sent.append(("data", data))
 
+    def sendDataChunks(self, chan: Any, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.sendData(chan, bytes(chunk))
+
     def sendEOF(self, chan: Any) -> None:
         self.sent.append(("eof", b""))
 
@@ -148,6 +156,9 @@ class FakeSSHConn:
         self.opened: list[tuple[RelayChannel, bytes]] = []
         self._waiting: list[tuple[int, Deferred[None]]] = []
 
+    def openChannels(self) -> int:
+        return len(self.opened)
+
     def openChannel(self, chan: RelayChannel, extra: bytes = b"") -> None:
         self.opened.append((chan, extra))
         due = [d for n, d in self._waiting if len(self.opened) >= n]
@@ -169,23 +180,29 @@ class FakeSSHConn:
 class FakeAvatar:
     """An authenticated user with the real forwarding handlers installed."""
 
-    def __init__(self, policy: Policy, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        reactor: Any = None,
+        limits: ConnectionLimits | None = None,
+        resolver: Callable[[str, int], list[str]] | None = None,
+    ) -> None:
         self.metrics = AgentMetrics()
+        self.limits = limits or ConnectionLimits(metrics=self.metrics)
+        self.servedSockets = ServedSockets()
         # The connection log, never started: what it would send waits in ``pending``.
         clock = MemoryReactorClock()
         self.connectionLog = ConnectionLog(
             CoderdClient(url="http://coderd.test", token="t", reactor=clock), clock=clock
         )
-        self.context = type(
-            "Ctx",
-            (),
-            {
-                "policy": policy,
-                "reactor": reactor,
-                "metrics": self.metrics,
-                "events": SSHActivity(self.connectionLog),
-            },
-        )()
+        self.context = SimpleNamespace(
+            policy=policy,
+            reactor=reactor,
+            metrics=self.metrics,
+            servedSockets=self.servedSockets,
+            resolver=resolver,
+            events=SSHActivity(self.connectionLog),
+        )
         self.channelLookup: dict[bytes, Any] = {}
         self.globalRequests: dict[bytes, Any] = {}
         self.conn = FakeSSHConn()

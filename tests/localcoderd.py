@@ -26,10 +26,10 @@ TOKEN = "dev-token"
 class Coderd:
     """coderd-dev's server side on an ephemeral port."""
 
-    def __init__(self, workspace: Workspace | None = None) -> None:
+    def __init__(self, workspace: Workspace | None = None, **api: Any) -> None:
         #: coderd's boundary_request lines, as they would reach its stderr.
         self.lines = io.StringIO()
-        self.api = DevAgentAPI(workspace or Workspace(), out=self.lines)
+        self.api = DevAgentAPI(workspace or Workspace(), out=self.lines, **api)
         from twisted.internet import reactor
 
         self.factory = DevCoderdFactory(self.api, TOKEN, reactor)

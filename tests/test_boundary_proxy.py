@@ -30,6 +30,7 @@ from coderagent.boundary.spool import Record, Spool, sessionKey
 from coderagent.coderd.client import CoderdClient, retryDelay
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.pb import agent_pb2, boundary_pb2
+from coderagent.unixsocket import ServedSockets
 from tests.localcoderd import TOKEN, Coderd
 
 TIMEOUT = 20
@@ -128,6 +129,7 @@ async def startProxy(
         metrics=metrics,
         reactor=reactor,
         socketPath=path,
+        served=ServedSockets(),
         announce=announced.append,
         clock=clock,
     )
@@ -209,7 +211,11 @@ async def test_a_socket_another_agent_serves_is_left_alone(tmp_path: Path, coder
     try:
         metrics = AgentMetrics()
         other = BoundaryLogProxy(
-            path=first.path, spool=first.spool, metrics=metrics, reactor=reactor
+            path=first.path,
+            spool=first.spool,
+            metrics=metrics,
+            reactor=reactor,
+            served=ServedSockets(),
         )
         other.startService()
         assert not other.serving  # logged, and the agent runs on
@@ -227,7 +233,11 @@ async def test_an_unbindable_path_is_an_error_not_a_crash(tmp_path: Path, coderd
     spool = Spool(tmp_path / "spool", reactor=reactor)
     await spool.open()
     proxy = BoundaryLogProxy(
-        path=str(tmp_path / "no-such-dir" / "b.sock"), spool=spool, metrics=metrics, reactor=reactor
+        path=str(tmp_path / "no-such-dir" / "b.sock"),
+        spool=spool,
+        metrics=metrics,
+        reactor=reactor,
+        served=ServedSockets(),
     )
     proxy.startService()
     assert not proxy.serving

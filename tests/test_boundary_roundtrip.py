@@ -34,6 +34,7 @@ from coderagent.devcoderd.api import DevAgentAPI
 from coderagent.devcoderd.workspace import Workspace
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.pb import agent_pb2
+from coderagent.unixsocket import ServedSockets
 from tests.boundaryframes import exactFrame, frame
 
 FRAMES = 2000
@@ -59,7 +60,11 @@ async def roundTrip(tmp_path: Path, stream: bytes, rng: random.Random) -> tuple[
     spool = Spool(tmp_path / "spool", reactor=reactor, onDrop=metrics.boundaryDropped)
     await spool.open()
     proxy = BoundaryLogProxy(
-        path=str(tmp_path / "unused.sock"), spool=spool, metrics=metrics, reactor=Clock()
+        path=str(tmp_path / "unused.sock"),
+        spool=spool,
+        metrics=metrics,
+        reactor=Clock(),
+        served=ServedSockets(),
     )
     writer = BoundaryWriter(proxy)
     at = 0

@@ -10,7 +10,6 @@ Where the point is timing, the same stack runs in memory on a ``task.Clock``.
 
 from __future__ import annotations
 
-import io
 import uuid
 from typing import Any
 
@@ -20,17 +19,14 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from coderagent.coderd.client import CoderdClient, CoderdUnavailable, retryDelay
 from coderagent.coderd.drpc import DRPCError
-from coderagent.coderd.lifecycle import SHUTDOWN_REPORT_TIMEOUT, Reporter
-from coderagent.devcoderd.api import DevAgentAPI
-from coderagent.devcoderd.server import DevCoderdFactory
 from coderagent.devcoderd.workspace import Workspace
 from coderagent.pb import agent_pb2
-from tests.localcoderd import TOKEN, Coderd, Loopback
+from tests.localcoderd import TOKEN, Coderd
 
 TIMEOUT = 15
 
@@ -80,9 +76,7 @@ class Refusing:
 def test_reconnect_attempts_follow_the_schedule_on_a_fake_clock() -> None:
     clock = task.Clock()
     refusing = Refusing(clock)
-    c = CoderdClient(
-        url="http://coderd.invalid", token=TOKEN, reactor=clock, transport=refusing
-    )
+    c = CoderdClient(url="http://coderd.invalid", token=TOKEN, reactor=clock, transport=refusing)
     c.startService()
     for _ in range(12):
         [retry] = clock.getDelayedCalls()
@@ -155,14 +149,16 @@ async def test_200_concurrent_calls_complete(coderd: Coderd) -> None:
 @pytest_twisted.ensureDeferred
 async def test_3_mib_messages_both_ways() -> None:
     big = "x" * (3 * 1024 * 1024)
-    server = Coderd(Workspace(environmentVariables={"BIG": big}))
+    server = Coderd(Workspace(environmentVariables={"BIG": big}), logLimit=4 * 1024 * 1024)
     port = await server.start()
     c = client(port)
     try:
         manifest = await c.call("GetManifest", agent_pb2.GetManifestRequest())
         assert manifest.environment_variables["BIG"] == big
         log = agent_pb2.Log(output=big, level=agent_pb2.Log.INFO)
-        await c.call("BatchCreateLogs", agent_pb2.BatchCreateLogsRequest(logs=[log]))
+        external = uuid.UUID(int=0).bytes
+        request = agent_pb2.BatchCreateLogsRequest(log_source_id=external, logs=[log])
+        assert not (await c.call("BatchCreateLogs", request)).log_limit_exceeded
         assert server.api.logs[0].output == big
     finally:
         await stopped(c)
@@ -213,79 +209,6 @@ async def test_a_call_made_while_coderd_is_down_waits_for_it() -> None:
     finally:
         await stopped(c)
         await server.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_reporter_reports_every_transition_once_in_order() -> None:
-    server = Coderd(Workspace(directory="~/project"))
-    port = await server.start()
-    c = client(port)
-    reporter = Reporter(c, {"HOME": "/home/coder"}, reactor)
-    manifests: list[agent_pb2.Manifest] = []
-    second: defer.Deferred[None] = defer.Deferred()
-
-    def gotManifest(manifest: agent_pb2.Manifest) -> None:
-        manifests.append(manifest)
-        if len(manifests) == 2:
-            second.callback(None)
-
-    reporter.onManifest(gotManifest)
-    reporter.setServiceParent(c)
-    try:
-        await server.api.when(lambda api: len(api.lifecycle) >= 2).addTimeout(TIMEOUT, reactor)
-        await reporter.report()  # the agent has its answers too
-        State = agent_pb2.Lifecycle.State
-        assert server.api.lifecycle == [State.STARTING, State.READY]
-        assert server.api.startup is not None
-        assert server.api.startup.expanded_directory == "/home/coder/project"
-        assert uuid.UUID(bytes=manifests[0].workspace_id) == server.api.workspace.workspaceID
-        # coderd goes away and comes back: the manifest is fetched again,
-        # startup and lifecycle are not repeated.
-        await server.stop()
-        await server.start(port)
-        await second.addTimeout(TIMEOUT, reactor)
-        assert server.api.lifecycle == [State.STARTING, State.READY]
-    finally:
-        await stopped(c)  # stops the reporter first: SHUTTING_DOWN, OFF
-        await server.stop()
-    assert server.api.lifecycle == [State.STARTING, State.READY, State.SHUTTING_DOWN, State.OFF]
-
-
-def test_a_stop_during_a_report_on_its_way_waits_only_the_shutdown_timeout() -> None:
-    """SIGTERM while a lifecycle report is unanswered: stopping gives up after 5 s,
-    not after the 30 s the report on its way was allowed."""
-    clock = task.Clock()
-    api = DevAgentAPI(Workspace(), out=io.StringIO())
-    loopback = Loopback(DevCoderdFactory(api, TOKEN, clock), clock)
-    c = CoderdClient(url="http://coderd.test", token=TOKEN, reactor=clock, transport=loopback)
-    reporter = Reporter(c, {"HOME": "/home/coder"}, clock)
-    reporter.setServiceParent(c)
-    warnings: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "coderagent.coderd.lifecycle":
-            warnings.append(formatEvent(event))
-
-    c.startService()
-    [pump] = loopback.pumps
-    while api.startup is None:
-        assert pump.pump()
-    pump.pump()  # the agent learns its startup was taken and sends STARTING; coderd is silent
-    assert api.lifecycle == [] and reporter.reportedState == "CREATED"
-    globalLogPublisher.addObserver(observe)
-    try:
-        stopping = c.stopService()
-        clock.advance(SHUTDOWN_REPORT_TIMEOUT - 1)
-        assert warnings == []
-        clock.advance(1)
-        assert warnings == [
-            "could not report shutdown to coderd: "
-            "UpdateLifecycle: no answer from coderd within 5s"
-        ]
-    finally:
-        globalLogPublisher.removeObserver(observe)
-    pump.flush()  # the connection closes
-    assert stopping.called
 
 
 def failedAttempts(n: int) -> defer.Deferred[None]:

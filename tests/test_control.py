@@ -29,6 +29,7 @@ from coderagent.control.server import controlSocket
 from coderagent.files import PRIVATE_SOCKET_MODE
 from coderagent.listening import ListeningService
 from coderagent.observe.status import AgentStatus
+from coderagent.unixsocket import ServedSockets
 
 TIMEOUT = 10
 
@@ -72,7 +73,7 @@ def sockdir(tmp_path: Path) -> Path:
 async def control(sockdir: Path) -> AsyncIterator[Path]:
     """The agent's control socket, serving ``agentStatus()``."""
     path = sockdir / "control.sock"
-    service = controlSocket(str(path), reactor, agentStatus())
+    service = controlSocket(str(path), reactor, agentStatus(), served=ServedSockets())
     service.startService()
     assert service.port is not None
     yield path
@@ -163,7 +164,7 @@ async def test_a_stale_control_socket_is_replaced(sockdir: Path, logged: list[st
     path = sockdir / "control.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as crashed:
         crashed.bind(str(path))
-    service = controlSocket(str(path), reactor, agentStatus())
+    service = controlSocket(str(path), reactor, agentStatus(), served=ServedSockets())
     service.startService()
     try:
         assert logged == [f"control socket listening on {path}"]
@@ -179,7 +180,9 @@ def test_a_live_control_socket_is_left_alone_and_the_agent_runs_on(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
         other.bind(str(path))
         other.listen()
-        service: ListeningService = controlSocket(str(path), reactor, agentStatus())
+        service: ListeningService = controlSocket(
+            str(path), reactor, agentStatus(), served=ServedSockets()
+        )
         service.startService()  # optional: no SystemExit
         assert service.port is None
         assert logged[0] == f"control socket: {path} is in use by another process; not replacing it"

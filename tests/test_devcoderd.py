@@ -371,3 +371,116 @@ def test_reports_coderd_would_refuse_are_refused() -> None:
     with pytest.raises(DRPCError, match="workspace app plain health reporting is disabled"):
         api.handlers[RPCS["BatchUpdateAppHealths"].path](health.SerializeToString())
     assert not api.connections and not api.appHealth
+
+
+def _scriptRecords(logLimit: int = 20) -> tuple[DevAgentAPI, io.StringIO]:
+    out = io.StringIO()
+    scripts = [
+        {"display_name": "install", "log_source_id": SOURCE, "id": SCRIPT, "script": "true"},
+    ]
+    w = Workspace.fromJSON(json.dumps({**IDS, "scripts": scripts}), "test")
+    return DevAgentAPI(w, out=out, logLimit=logLimit, clock=lambda: 1767366245.0), out
+
+
+SOURCE = "0b6f3c8e-5d2a-4c1e-9f7b-2a4d6e8f0a1c"
+SCRIPT = "5e4f3c8e-5d2a-4c1e-9f7b-2a4d6e8f0a1c"
+
+
+def _call(api: DevAgentAPI, name: str, request: Any) -> Any:
+    raw = api.handlers[RPCS[name].path](request.SerializeToString())
+    return RPCS[name].response.FromString(raw)
+
+
+def test_script_logs_are_kept_per_source_up_to_coderds_limit() -> None:
+    api, out = _scriptRecords(logLimit=20)
+    source = uuid.UUID(SOURCE).bytes
+
+    def batch(*outputs: str) -> Any:
+        logs = [agent_pb2.Log(output=o, level=agent_pb2.Log.INFO) for o in outputs]
+        return _call(
+            api,
+            "BatchCreateLogs",
+            agent_pb2.BatchCreateLogsRequest(log_source_id=source, logs=logs),
+        )
+
+    assert not batch("hello", "world").log_limit_exceeded  # 10 bytes
+    assert not _call(api, "BatchCreateLogs", agent_pb2.BatchCreateLogsRequest()).log_limit_exceeded
+    assert batch("0123456789", "x").log_limit_exceeded  # 21 > 20: refused whole
+    assert batch("y").log_limit_exceeded  # and everything after
+    assert [e.output for e in api.logs] == ["hello", "world"]
+    state = api.state()
+    assert state["logs_length"] == 10 and state["logs_overflowed"]
+    assert state["logs"][SOURCE]["name"] == "install"
+    assert state["logs"][SOURCE]["lines"] == [
+        {"level": "info", "output": "hello"},
+        {"level": "info", "output": "world"},
+    ]
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("coderd-dev: script_log  source=install  level=info  output=hello")
+    assert "script logs overflowed  limit=20  logs_length=10  refused=11" in lines[2]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (b"short", "parse log source ID"),
+        (uuid.UUID(int=5).bytes, "violates foreign key constraint"),
+    ],
+)
+def test_logs_from_an_unknown_source_are_refused_as_coderd_does(
+    source: bytes, message: str
+) -> None:
+    from coderagent.coderd.drpcwire import DRPCError
+
+    api, _ = _scriptRecords()
+    request = agent_pb2.BatchCreateLogsRequest(
+        log_source_id=source, logs=[agent_pb2.Log(output="x")]
+    )
+    with pytest.raises(DRPCError, match=message):
+        _call(api, "BatchCreateLogs", request)
+
+
+def test_script_timings_are_checked_and_recorded() -> None:
+    from coderagent.coderd.drpcwire import DRPCError
+
+    api, out = _scriptRecords()
+    start = timestamp_pb2.Timestamp(seconds=1767366245)
+    end = timestamp_pb2.Timestamp(seconds=1767366247, nanos=500_000_000)
+    timing = agent_pb2.Timing(
+        script_id=uuid.UUID(SCRIPT).bytes,
+        start=start,
+        end=end,
+        exit_code=3,
+        stage=agent_pb2.Timing.START,
+        status=agent_pb2.Timing.EXIT_FAILURE,
+    )
+    request = agent_pb2.WorkspaceAgentScriptCompletedRequest(timing=timing)
+    _call(api, "ScriptCompleted", request)
+    [recorded] = api.state()["timings"]
+    assert recorded == {
+        "script": "install",
+        "script_id": SCRIPT,
+        "stage": "START",
+        "status": "EXIT_FAILURE",
+        "exit_code": 3,
+        "start": "2026-01-02T15:04:05Z",
+        "end": "2026-01-02T15:04:07.5Z",
+    }
+    assert (
+        out.getvalue()
+        .rstrip()
+        .endswith(
+            "coderd-dev: script_completed  script=install  stage=START  status=EXIT_FAILURE  "
+            "exit_code=3  duration=2.500s"
+        )
+    )
+    for bad, message in [
+        (agent_pb2.Timing(script_id=b"x", start=start, end=end), "script id from bytes"),
+        (agent_pb2.Timing(script_id=uuid.UUID(int=9).bytes, start=start, end=end), "unknown"),
+        (agent_pb2.Timing(script_id=uuid.UUID(SCRIPT).bytes, end=end), "start time is required"),
+        (agent_pb2.Timing(script_id=uuid.UUID(SCRIPT).bytes, start=end, end=start), "after end"),
+    ]:
+        with pytest.raises(DRPCError, match=message):
+            _call(
+                api, "ScriptCompleted", agent_pb2.WorkspaceAgentScriptCompletedRequest(timing=bad)
+            )

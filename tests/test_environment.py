@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Mapping
+
+from coderagent.pb import agent_pb2
 from coderagent.ssh.environment import UserInfo, sessionEnvironment
+from coderagent.workspaceenv import WorkspaceEnvironment
 
 USER = UserInfo(name="dev", home="/home/dev", shell="/bin/bash")
+AGENT_ENV = {
+    "PATH": "/usr/bin",
+    "CODER": "false",
+    "CODER_AGENT_TOKEN": "secret",
+    "USER": "root",
+    "KEEP": "1",
+}
 
 
-def build(**kw: object) -> dict[str, str]:
+def manifest(**fields: object) -> agent_pb2.Manifest:
+    base: dict[str, object] = {
+        "workspace_name": "ws",
+        "agent_name": "main",
+        "owner_username": "alice",
+        "environment_variables": {"FROM_MANIFEST": "m", "KEEP": "2"},
+    }
+    base.update(fields)
+    return agent_pb2.Manifest(**base)  # type: ignore[arg-type]
+
+
+def build(
+    agentEnvironment: Mapping[str, str] = AGENT_ENV,
+    m: agent_pb2.Manifest | None = None,
+    binDir: str = "",
+    **kw: object,
+) -> dict[str, str]:
+    workspace = WorkspaceEnvironment(agentEnvironment, USER, scriptBinDir=binDir)
+    workspace.update(m if m is not None else manifest())
     args: dict[str, object] = dict(
-        agentEnvironment={
-            "PATH": "/usr/bin",
-            "CODER": "false",
-            "CODER_AGENT_TOKEN": "secret",
-            "USER": "root",
-            "KEEP": "1",
-        },
+        workspace=workspace,
         clientEnvironment=[("LANG", "C"), ("CODER_SSH_SESSION_TYPE", "vscode"), ("USER", "evil")],
-        user=USER,
-        defaults={"CODER": "true"},
-        overrides={"FROM_MANIFEST": "m", "KEEP": "2"},
         peer=("10.0.0.1", 5555),
         local=("127.0.0.1", 2222),
     )
@@ -34,7 +55,8 @@ def test_layers() -> None:
     assert env["USER"] == env["LOGNAME"] == "dev"  # identity beats client and agent env
     assert (env["HOME"], env["SHELL"]) == ("/home/dev", "/bin/bash")
     assert env["CODER"] == "true"  # defaults beat the inherited env
-    assert env["KEEP"] == "2"  # overrides beat everything
+    assert env["KEEP"] == "2"  # the manifest's variables beat everything inherited
+    assert env["FROM_MANIFEST"] == "m"
     assert env["SSH_CLIENT"] == "10.0.0.1 5555 2222"
     assert env["SSH_CONNECTION"] == "10.0.0.1 5555 127.0.0.1 2222"
     assert "CODER_AGENT_TOKEN" not in env
@@ -53,19 +75,25 @@ def test_home_from_environment_when_it_exists(tmp_path: object) -> None:
 
 
 def test_the_whole_environment_exactly() -> None:
-    env = sessionEnvironment(
+    workspace_id = uuid.UUID("22222222-2222-2222-2222-222222222222")
+    env = build(
         agentEnvironment={"PATH": "/bin", "CODER_AGENT_TOKEN": "t", "CODER_AGENT_URL": "https://c"},
+        m=agent_pb2.Manifest(
+            workspace_name="ws",
+            agent_name="main",
+            owner_username="alice",
+            workspace_id=workspace_id.bytes,
+            vs_code_port_proxy_uri="https://{{port}}.p.example",
+            environment_variables={"EDITOR": "vim", "PATH": "$PATH:/opt/tool/bin"},
+        ),
+        binDir="/data/coder-script-data/bin",
         clientEnvironment=[("LANG", "C.UTF-8")],
-        user=USER,
-        defaults={"CODER": "true"},
-        overrides={"CODER_WORKSPACE_NAME": "ws"},
-        peer=("10.0.0.1", 5555),
         local=("10.0.0.2", 2222),
         term="xterm-256color",
         ttyName="/dev/pts/0",
     )
     assert env == {
-        "PATH": "/bin",
+        "PATH": "/data/coder-script-data/bin:/bin:/opt/tool/bin",
         "CODER_AGENT_URL": "https://c",
         "LANG": "C.UTF-8",
         "USER": "dev",
@@ -74,6 +102,12 @@ def test_the_whole_environment_exactly() -> None:
         "HOME": "/home/dev",
         "CODER": "true",
         "CODER_WORKSPACE_NAME": "ws",
+        "CODER_WORKSPACE_AGENT_NAME": "main",
+        "CODER_WORKSPACE_OWNER_NAME": "alice",
+        "CODER_WORKSPACE_ID": str(workspace_id),
+        "CS_DISABLE_GETTING_STARTED_OVERRIDE": "true",
+        "VSCODE_PROXY_URI": "https://{{port}}.p.example",
+        "EDITOR": "vim",
         "SSH_CLIENT": "10.0.0.1 5555 2222",
         "SSH_CONNECTION": "10.0.0.1 5555 10.0.0.2 2222",
         "TERM": "xterm-256color",
@@ -109,13 +143,14 @@ def test_client_requests_are_exported_in_order_except_the_interpreted_ones() -> 
     assert not {"CODER_SSH_SESSION_TYPE", "CODER_CONTAINER", "CODER_CONTAINER_USER"} & set(env)
 
 
-def test_identity_defaults_overrides_and_ssh_variables_beat_the_client() -> None:
+def test_identity_defaults_manifest_and_ssh_variables_beat_the_client() -> None:
     sent = {
         "USER": "evil",
         "LOGNAME": "evil",
         "SHELL": "/bin/evil",
         "HOME": "/evil",
         "CODER": "false",
+        "CODER_WORKSPACE_NAME": "evil",
         "KEEP": "client",
         "SSH_CLIENT": "6.6.6.6 1 1",
         "SSH_CONNECTION": "6.6.6.6 1 6.6.6.6 1",
@@ -127,14 +162,15 @@ def test_identity_defaults_overrides_and_ssh_variables_beat_the_client() -> None
         "SHELL": "/bin/bash",
         "HOME": "/home/dev",
         "CODER": "true",
+        "CODER_WORKSPACE_NAME": "ws",
         "KEEP": "2",
         "SSH_CLIENT": "10.0.0.1 5555 2222",
         "SSH_CONNECTION": "10.0.0.1 5555 127.0.0.1 2222",
     }
 
 
-def test_overrides_beat_identity_and_defaults() -> None:
-    env = build(overrides={"HOME": "/workspace", "CODER": "override"})
+def test_the_manifest_beats_identity_and_defaults() -> None:
+    env = build(m=manifest(environment_variables={"HOME": "/workspace", "CODER": "override"}))
     assert (env["HOME"], env["CODER"], env["USER"]) == ("/workspace", "override", "dev")
 
 

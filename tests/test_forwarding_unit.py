@@ -16,6 +16,7 @@ import socket
 import stat
 import struct
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,11 +34,12 @@ from zope.interface.verify import verifyObject
 
 from coderagent.files import PRIVATE_SOCKET_MODE
 from coderagent.observe.metrics import AgentMetrics
-from coderagent.policy import Policy
+from coderagent.policy import Policy, loadPolicy
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
 from coderagent.ssh.forwarding.sockets import describeConnectError
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from coderagent.unixsocket import SUN_PATH_MAX
 from tests.fakes import (
     FakeAvatar,
     FakeConn,
@@ -381,6 +383,23 @@ def test_blocked_reverse_forward_fails_before_binding(
     assert avatar.logged()[1:] == [("DISCONNECT", "192.0.2.7", 1, reason)]
 
 
+def test_a_rule_refusal_reaches_the_connection_log_naming_the_rule() -> None:
+    """Beyond the block flags' upstream wording, a policy rule's refusal says which rule."""
+    reactor = MemoryReactor()
+    rules = loadPolicy(
+        b'[reverse_tcp]\ndefault = "allow"\n'
+        b'[[reverse_tcp.rules]]\nname = "no-wildcard"\naction = "deny"\nbind = "any"\n'
+    )
+    avatar = FakeAvatar(Policy(rules=rules), reactor)
+    assert avatar.globalRequests[b"tcpip-forward"](NS(b"0.0.0.0") + u32(8080)) == 0
+    assert reactor.tcpServers == []
+    reason = (
+        "reverse port forwarding blocked: tcpip-forward 0.0.0.0:8080 "
+        "(listening on 0.0.0.0:8080 refused by policy rule 'no-wildcard')"
+    )
+    assert avatar.logged()[1:] == [("DISCONNECT", "192.0.2.7", 1, reason)]
+
+
 MALFORMED = [
     b"",
     b"\x00\x00\x00",
@@ -389,6 +408,7 @@ MALFORMED = [
     NS(b"host") + u32(70000),  # port out of range
     NS(b"\xff\xfe") + u32(22),  # host not UTF-8
     NS(b"host") + u32(22) + b"trailing",
+    NS(b"127.0.0.1\0x") + u32(0),  # NUL in the host: no bind or resolver takes it
 ]
 
 
@@ -503,9 +523,7 @@ def test_streamlocal_forward_lifecycle(sockdir: Path) -> Iterator[Deferred[Any]]
 
 
 @pytest_twisted.inlineCallbacks
-def test_stale_socket_and_file_are_replaced_but_a_directory_is_not(
-    sockdir: Path,
-) -> Iterator[Deferred[Any]]:
+def test_a_stale_socket_is_replaced(sockdir: Path) -> Iterator[Deferred[Any]]:
     avatar = realAvatar()
     forward = avatar.globalRequests[b"streamlocal-forward@openssh.com"]
     stale = sockdir / "stale.sock"
@@ -514,28 +532,168 @@ def test_stale_socket_and_file_are_replaced_but_a_directory_is_not(
     s.close()  # leaves the file behind
     assert not connectable(stale)
     assert forward(NS(os.fsencode(stale))) == 1 and connectable(stale)
-    regular = sockdir / "file.sock"
-    regular.write_text("x")
-    assert forward(NS(os.fsencode(regular))) == 1 and stat.S_ISSOCK(os.stat(regular).st_mode)
-    directory = sockdir / "dir.sock"
-    directory.mkdir()
-    assert forward(NS(os.fsencode(directory))) == 0 and directory.is_dir()
     yield avatar.forwards.close()
-    assert not stale.exists() and not regular.exists() and directory.is_dir()
+    assert not stale.exists()
+
+
+def occupy(sockdir: Path, kind: str, stack: ExitStack) -> Path:
+    """Put ``kind`` at a path in ``sockdir``; returns the path."""
+    path = sockdir / f"{kind.replace(' ', '-')}.sock"
+    if kind == "regular file":
+        path.write_text("notes")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "symlink":
+        target = sockdir / "target.sock"
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(target))
+        s.close()  # even a link to a stale socket is not ours to remove
+        path.symlink_to(target)
+    elif kind == "live socket":
+        server = stack.enter_context(socket.socket(socket.AF_UNIX))
+        server.bind(str(path))
+        server.listen()
+    return path
+
+
+def snapshotOf(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_ino, st.st_mode, st.st_mtime_ns
+
+
+@pytest.mark.parametrize("kind", ["regular file", "directory", "symlink", "live socket"])
+def test_what_is_not_a_stale_socket_is_never_replaced(
+    sockdir: Path, logged: list[dict[str, Any]], kind: str
+) -> None:
+    avatar = realAvatar()
+    with ExitStack() as stack:
+        path = occupy(sockdir, kind, stack)
+        before = snapshotOf(path)
+        assert avatar.globalRequests[b"streamlocal-forward@openssh.com"](NS(os.fsencode(path))) == 0
+        assert snapshotOf(path) == before
+        if kind == "regular file":
+            assert path.read_text() == "notes"
+        if kind == "live socket":
+            assert connectable(path)
+    assert avatar.forwards.listeners == {}
+    [warning] = warnings(logged)
+    text = warning["log_format"].format(**warning)
+    assert text == (
+        f"streamlocal-forward on {path} from 192.0.2.7:50000 refused: "
+        f"{OCCUPANT_TEXT[kind]} is there (only a stale socket is replaced)"
+    )
+
+
+OCCUPANT_TEXT = {
+    "regular file": "a file that is not a socket",
+    "directory": "a directory",
+    "symlink": "a symbolic link",
+    "live socket": "a socket in use",
+}
 
 
 @pytest_twisted.inlineCallbacks
-def test_socket_taken_over_by_another_connection_survives_the_first(
+def test_a_path_another_connection_forwards_is_refused_and_survives(
     sockdir: Path,
 ) -> Iterator[Deferred[Any]]:
     first, second = realAvatar(), realAvatar()
     path = os.fsencode(sockdir / "shared.sock")
     assert first.globalRequests[b"streamlocal-forward@openssh.com"](NS(path)) == 1
-    assert second.globalRequests[b"streamlocal-forward@openssh.com"](NS(path)) == 1
-    yield first.forwards.close()
-    assert connectable(Path(os.fsdecode(path)))  # still the second connection's
+    assert second.globalRequests[b"streamlocal-forward@openssh.com"](NS(path)) == 0
     yield second.forwards.close()
+    assert connectable(Path(os.fsdecode(path)))  # still the first connection's
+    yield first.forwards.close()
     assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("bound", [False, True], ids=["not yet bound", "bound"])
+def test_a_path_the_agent_serves_is_refused(
+    sockdir: Path, logged: list[dict[str, Any]], bound: bool
+) -> None:
+    """Even before the agent's own socket is bound (the boundary socket starts after SSH)."""
+    avatar = realAvatar()
+    path = sockdir / "audit" / "boundary-audit.sock"
+    avatar.servedSockets.add(str(path), "boundary log proxy")
+    with ExitStack() as stack:
+        if bound:
+            path.parent.mkdir()
+            server = stack.enter_context(socket.socket(socket.AF_UNIX))
+            server.bind(str(path))
+            server.listen()
+        # Spelled differently, through a symlink to its directory.
+        link = sockdir / "link"
+        link.symlink_to(sockdir)
+        for spelling in (path, link / "audit" / ".." / "audit" / "boundary-audit.sock"):
+            forward = avatar.globalRequests[b"streamlocal-forward@openssh.com"]
+            assert forward(NS(os.fsencode(spelling))) == 0
+        assert path.parent.exists() == bound  # nothing created for a refused forward
+        if bound:
+            assert connectable(path)
+    texts = [w["log_format"].format(**w) for w in warnings(logged)]
+    assert texts[0] == (
+        f"streamlocal-forward on {path} from 192.0.2.7:50000 refused: "
+        "the agent serves its boundary log proxy there"
+    )
+    assert len(texts) == 2 and "the agent serves its boundary log proxy there" in texts[1]
+
+
+def test_a_path_too_long_for_a_socket_is_refused_before_any_directory_is_made(
+    sockdir: Path, logged: list[dict[str, Any]]
+) -> None:
+    avatar = realAvatar()
+    path = sockdir / "new" / ("x" * (SUN_PATH_MAX - len(os.fsencode(sockdir / "new"))))
+    assert len(os.fsencode(path)) == SUN_PATH_MAX + 1
+    assert avatar.globalRequests[b"streamlocal-forward@openssh.com"](NS(os.fsencode(path))) == 0
+    assert not (sockdir / "new").exists()
+    [warning] = warnings(logged)
+    assert warning["log_format"].format(**warning) == (
+        f"streamlocal-forward on {path} from 192.0.2.7:50000 refused: the path is "
+        f"{SUN_PATH_MAX + 1} bytes, longer than a Unix socket address allows ({SUN_PATH_MAX})"
+    )
+    # One byte shorter fits.
+    shorter = str(path)[:-1]
+    assert avatar.globalRequests[b"streamlocal-forward@openssh.com"](NS(os.fsencode(shorter))) == 1
+    avatar.forwards.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_parent_directory_made_for_a_forward_is_0700(
+    sockdir: Path,
+) -> Iterator[Deferred[Any]]:
+    avatar = realAvatar()
+    path = sockdir / "a" / "b" / "c" / "r.sock"
+    old = os.umask(0)
+    try:
+        assert avatar.globalRequests[b"streamlocal-forward@openssh.com"](NS(os.fsencode(path))) == 1
+    finally:
+        os.umask(old)
+    for directory in (sockdir / "a", sockdir / "a" / "b", sockdir / "a" / "b" / "c"):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+    assert stat.S_IMODE(os.stat(path).st_mode) == PRIVATE_SOCKET_MODE
+    assert stat.S_IMODE(os.stat(sockdir).st_mode) == 0o700  # what existed is left as it was
+    yield avatar.forwards.close()
+
+
+def test_direct_streamlocal_to_a_path_too_long_fails_at_once(
+    logged: list[dict[str, Any]],
+) -> None:
+    reactor = MemoryReactor()
+    avatar = FakeAvatar(Policy(), reactor)
+    path = "/tmp/" + "p" * 200 + ".sock"
+    with pytest.raises(ConchError) as raised:
+        avatar.channelLookup[b"direct-streamlocal@openssh.com"](
+            remoteWindow=1,
+            remoteMaxPacket=1,
+            data=directStreamlocal(os.fsencode(path)),
+            avatar=avatar,
+        )
+    assert raised.value.args == (
+        f'dial unix socket "{path}": dial unix {path}: connect: invalid argument',
+        connection.OPEN_CONNECT_FAILED,
+    )
+    assert reactor.unixClients == []
+    assert all(e.get("log_failure") is None for e in logged)
+    assert warnings(logged) == []
 
 
 @pytest_twisted.inlineCallbacks
@@ -652,3 +810,57 @@ def test_direct_opens_refuse_a_connection_that_cannot_wait(logged: list[dict[str
     assert isinstance(connecting, Deferred)
     connecting.addErrback(lambda _: None)
     connecting.cancel()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_name_is_looked_up_once_and_only_allowed_addresses_are_connected_to(
+    logged: list[dict[str, Any]],
+) -> Iterator[Deferred[Any]]:
+    """A resolver that answers a refused address first: the forward goes to the allowed one,
+    with no second lookup; a name with only refused addresses is prohibited unconnected."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    lookups: list[tuple[str, int]] = []
+    answers = {"app.test": ["10.255.0.1", "127.0.0.1"], "db.test": ["10.255.0.2"]}
+
+    def resolver(host: str, port: int) -> list[str]:
+        lookups.append((host, port))
+        return answers[host]
+
+    accepted: list[Protocol] = []
+
+    class Recorded(Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+
+    listening = reactor.listenTCP(0, Factory.forProtocol(Recorded), interface="127.0.0.1")
+    port = cast(IPv4Address, listening.getHost()).port
+    rules = loadPolicy(
+        b'[local_tcp]\ndefault = "allow"\n'
+        b'[[local_tcp.rules]]\nname = "no-internal"\naction = "deny"\nhost = "10.0.0.0/8"\n'
+    )
+    avatar = FakeAvatar(Policy(rules=rules), reactor, resolver=resolver)
+    opener = avatar.channelLookup[b"direct-tcpip"]
+    try:
+        chan = yield opener(
+            remoteWindow=1 << 20,
+            remoteMaxPacket=32768,
+            data=directTcpip(b"app.test", port),
+            avatar=avatar,
+        )
+        assert isinstance(chan, RelayChannel)
+        assert chan.socket.transport.getPeer().host == "127.0.0.1"
+        assert lookups == [("app.test", port)] and len(accepted) == 1
+        chan.socket.transport.abortConnection()
+        with pytest.raises(ConchError) as raised:
+            yield opener(
+                remoteWindow=1, remoteMaxPacket=1, data=directTcpip(b"db.test", port), avatar=avatar
+            )
+        assert raised.value.args == (
+            f"forwarding to db.test:{port} refused by policy rule 'no-internal'",
+            connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+        )
+        assert lookups[1:] == [("db.test", port)] and len(accepted) == 1
+    finally:
+        yield defer.maybeDeferred(listening.stopListening)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coderagent.gotext import goQuote
+from coderagent.gotext import goExpand, goQuote
 
 # (input, Go's strconv.Quote of it)
 CASES = [
@@ -46,3 +46,27 @@ def test_the_escape_table_stays_bounded() -> None:
 
     goQuote("".join(chr(cp) for cp in range(0x4E00, 0x4E00 + 10_000)) + "\x00")
     assert len(gotext._ESCAPES) <= 4096
+
+
+EXPANSIONS = [
+    ("$A", "x"),
+    ("${A}b", "xb"),
+    ("$A-$B", "x-"),  # unset is empty
+    ("$A_B", ""),  # the longest name: A_B
+    ("a$", "a$"),  # a trailing $ stays
+    ("$ x", "$ x"),  # so does one followed by no name
+    ("$$", ""),  # $ is a one-character special name
+    ("$1x", "x"),
+    ("${!}", ""),
+    ("${}x", "x"),  # bad syntax is eaten
+    ("${A", "A"),  # an unterminated ${ is eaten, the rest stays
+    ("\\$A", "\\x"),  # no escaping
+    ("no dollars", "no dollars"),
+    ("é$A中", "éx中"),
+]
+
+
+@pytest.mark.parametrize(("text", "expanded"), EXPANSIONS)
+def test_go_expand(text: str, expanded: str) -> None:
+    env = {"A": "x"}
+    assert goExpand(text, lambda name: env.get(name, "")) == expanded

@@ -87,6 +87,10 @@ def test_defaults_are_typed() -> None:
     assert options["ssh-host-key-dir"] == os.path.join(TMP, "coder-agent-ssh-host-keys")
     assert options["ssh-login-grace-time"] == 120.0
     assert options["ssh-max-auth-tries"] == 6
+    assert options["ssh-max-sessions"] == 10
+    assert options["ssh-max-channels"] == 1024
+    assert options["ssh-max-reverse-forwards"] == 256
+    assert options["ssh-max-env-bytes"] == 262144
 
 
 def test_every_option_has_a_typed_value_and_a_default_source() -> None:
@@ -99,7 +103,7 @@ def test_every_option_has_a_typed_value_and_a_default_source() -> None:
 def test_table_names_are_unique_and_env_names_prefixed() -> None:
     names = [spec.name for spec in OPTIONS]
     envs = [spec.env for spec in OPTIONS]
-    assert len(set(names)) == len(names) == 34
+    assert len(set(names)) == len(names) == 39
     assert len(set(envs)) == len(envs)
     assert all(env.startswith("CODER_AGENT_") for env in envs)
 
@@ -494,6 +498,22 @@ def test_auth_types(auth: str) -> None:
 def test_ints() -> None:
     options = parsed(["--tailnet-listen-port", "65535", "--ssh-max-auth-tries=3"])
     assert (options["tailnet-listen-port"], options["ssh-max-auth-tries"]) == (65535, 3)
+
+
+def test_connection_limits_from_flags_and_environment() -> None:
+    options = parsed(
+        ["--ssh-max-sessions=2", "--ssh-max-env-bytes=1MiB"],
+        env={"CODER_AGENT_SSH_MAX_CHANNELS": "64", "CODER_AGENT_SSH_MAX_REVERSE_FORWARDS": "8"},
+    )
+    assert (
+        options["ssh-max-sessions"],
+        options["ssh-max-channels"],
+        options["ssh-max-reverse-forwards"],
+        options["ssh-max-env-bytes"],
+    ) == (2, 64, 8, 1048576)
+    assert exitMessage(["--ssh-max-sessions=0"]).startswith(
+        'coder-agent: --ssh-max-sessions: invalid number "0"'
+    )
 
 
 # --- derived values and questions -------------------------------------------------

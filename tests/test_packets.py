@@ -27,8 +27,11 @@ from coderagent.ssh.packets import (
 )
 from coderagent.ssh.transport import AgentServerTransport
 
-CIPHERS = [c for c in AgentServerTransport.supportedCiphers]
-MACS = [m for m in AgentServerTransport.supportedMACs]
+# The offered algorithms Conch implements too (the others, which Conch does
+# not have, are checked against independent implementations in
+# tests/test_ciphers.py).
+CIPHERS = [c for c in AgentServerTransport.supportedCiphers if c in SSHCiphers.cipherMap]
+MACS = [m for m in AgentServerTransport.supportedMACs if m in SSHCiphers.macMap]
 
 
 Keys = tuple[bytes, bytes, bytes]

@@ -22,7 +22,9 @@ BLOCKING = Policy(blockFileTransfer=True)
     ],
 )
 def test_transfer_commands_are_refused(command: str) -> None:
-    assert BLOCKING.allowCommand(command) == Decision(False, "file transfer blocked")
+    assert BLOCKING.allowCommand(command) == Decision(
+        False, "file transfer blocked", "--block-file-transfer"
+    )
 
 
 @pytest.mark.parametrize(
@@ -37,7 +39,9 @@ def test_unbalanced_quotes_still_match_the_first_word() -> None:
 
 
 def test_sftp_subsystem() -> None:
-    assert BLOCKING.allowSubsystem("sftp") == Decision(False, "file transfer blocked")
+    assert BLOCKING.allowSubsystem("sftp") == Decision(
+        False, "file transfer blocked", "--block-file-transfer"
+    )
     assert Policy().allowSubsystem("sftp").allowed
     assert Policy().allowCommand("scp -t x").allowed
 
@@ -45,9 +49,11 @@ def test_sftp_subsystem() -> None:
 def test_forwarding_directions_are_independent() -> None:
     local = Policy(blockLocalPortForwarding=True)
     reverse = Policy(blockReversePortForwarding=True)
-    assert local.allowLocalForward("tcp", "h:1") == Decision(False, "port forwarding is disabled")
+    assert local.allowLocalForward("tcp", "h:1") == Decision(
+        False, "port forwarding is disabled", "--block-local-port-forwarding"
+    )
     assert local.allowLocalForward("unix", "/s") == Decision(
-        False, "local port forwarding is disabled"
+        False, "local port forwarding is disabled", "--block-local-port-forwarding"
     )
     assert local.allowReverseForward("tcp", "h:1").allowed
     assert local.allowReverseForward("unix", "/s").allowed

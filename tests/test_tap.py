@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
 from twisted.logger import ILogObserver
 
@@ -41,15 +40,26 @@ def options(tmp_path: Path, *extra: str) -> Options:
     return o
 
 
+def services(top: MultiService) -> list[IService]:
+    """Every service under ``top``, depth first (the SSH server and the coderd
+    client sit under the lifecycle that orders their shutdown)."""
+    found: list[IService] = []
+    for service in top:
+        found.append(service)
+        if isinstance(service, MultiService):
+            found.extend(services(service))
+    return found
+
+
 def test_building_the_agent_creates_and_reads_nothing(tmp_path: Path) -> None:
     before = sorted(os.listdir(tmp_path))
     top = makeService(options(tmp_path), reactor=reactor, environ={"HOME": str(tmp_path)})
     assert sorted(os.listdir(tmp_path)) == before == []  # no token read, no key, no log file
-    names = [type(s).__name__ for s in _services(top)]
+    names = [type(s).__name__ for s in services(top)]
     assert "ListeningService" in names
     # The profiling server is refused off loopback: it is not among the listeners.
-    listening = [s for s in _services(top) if isinstance(s, ListeningService)]
-    assert sorted(s.what for s in listening) == ["SSH server", "boundary log proxy"]
+    listening = [s for s in services(top) if isinstance(s, ListeningService)]
+    assert [s.what for s in listening] == ["SSH server", "boundary log proxy"]
 
 
 def test_the_log_files_are_opened_when_twistd_adopts_the_service(tmp_path: Path) -> None:
@@ -72,7 +82,7 @@ def test_the_log_files_are_opened_when_twistd_adopts_the_service(tmp_path: Path)
 
 def test_an_unreadable_token_file_stops_the_agent_when_it_starts(tmp_path: Path) -> None:
     top = makeService(options(tmp_path), reactor=reactor, environ={"HOME": str(tmp_path)})
-    coderd = next(s for s in _services(top) if type(s).__name__ == "CoderdClient")
+    coderd = next(s for s in services(top) if type(s).__name__ == "CoderdClient")
     with pytest.raises(SystemExit) as exited:
         coderd.startService()
     token = tmp_path / "token"
@@ -84,9 +94,7 @@ def test_an_unreadable_token_file_stops_the_agent_when_it_starts(tmp_path: Path)
 @pytest_twisted.ensureDeferred
 async def test_host_keys_are_made_when_the_ssh_server_starts(tmp_path: Path) -> None:
     top = makeService(options(tmp_path), reactor=reactor, environ={"HOME": str(tmp_path)})
-    [ssh] = [
-        s for s in _services(top) if isinstance(s, ListeningService) and s.what == "SSH server"
-    ]
+    [ssh] = [s for s in services(top) if isinstance(s, ListeningService) and s.what == "SSH server"]
     old = os.umask(0)
     try:
         ssh.startService()
@@ -103,13 +111,3 @@ async def test_host_keys_are_made_when_the_ssh_server_starts(tmp_path: Path) -> 
         assert {stat.S_IMODE(p.stat().st_mode) for p in keys.iterdir()} == {0o600}
     finally:
         await ssh.stopService()
-
-
-def _services(parent: Any) -> list[Any]:
-    """Every service under ``parent``, depth first."""
-    found = []
-    for service in parent:
-        found.append(service)
-        if isinstance(service, MultiService):
-            found.extend(_services(service))
-    return found

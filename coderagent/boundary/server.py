@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -28,10 +27,8 @@ from coderagent.boundary.codec import FrameParser, Logs, MessageError, Status
 from coderagent.boundary.codec import decodePayload as _decode
 from coderagent.boundary.spool import Spool, sessionKey
 from coderagent.deferreds import cancelCall
-from coderagent.files import PRIVATE_SOCKET_MODE
-from coderagent.listening import ListeningService
 from coderagent.observe.metrics import AgentMetrics
-from coderagent.unixsocket import removeStaleSocket
+from coderagent.unixsocket import ServedSockets, agentSocket
 
 log = Logger()
 
@@ -114,6 +111,7 @@ class BoundaryLogProxy(MultiService):
         spool: Spool,
         metrics: AgentMetrics,
         reactor: Any,
+        served: ServedSockets,
         announce: Callable[[str], None] | None = None,
         clock: Any = None,
         stallTimeout: float = STALL_TIMEOUT,
@@ -129,14 +127,13 @@ class BoundaryLogProxy(MultiService):
         self.clock = clock if clock is not None else reactor
         self.stallTimeout = stallTimeout
         self.writers: set[BoundaryWriter] = set()
-        self.listening = ListeningService(
+        self.listening = agentSocket(
             reactor=reactor,
-            description=path,
+            path=path,
             factory=_Writers(self),
             what="boundary log proxy",
-            required=False,
-            endpoint=UNIXServerEndpoint(reactor, path, backlog=BACKLOG, mode=PRIVATE_SOCKET_MODE),
-            prepare=lambda: removeStaleSocket(path, "boundary log proxy"),
+            served=served,
+            backlog=BACKLOG,
         )
         self.listening.setServiceParent(self)
 

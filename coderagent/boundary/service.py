@@ -22,6 +22,7 @@ from coderagent.boundary.server import BoundaryLogProxy
 from coderagent.boundary.spool import Spool
 from coderagent.coderd.client import CoderdClient
 from coderagent.observe.metrics import AgentMetrics
+from coderagent.unixsocket import ServedSockets
 
 log = Logger()
 
@@ -37,10 +38,12 @@ class BoundaryService(MultiService):
         metrics: AgentMetrics,
         reactor: Any,
         socketPath: str,
+        served: ServedSockets,
         announce: Callable[[str], None] | None = None,
         clock: Any = None,
     ) -> None:
-        """``socketPath`` empty: no socket (batches left in the spool are still delivered).
+        """``served`` learns the socket's path (forwards may not take it).
+        ``socketPath`` empty: no socket (batches left in the spool are still delivered).
         ``clock`` (default: the reactor) times stalled writers and the forwarder's retries."""
         super().__init__()
         self.spool = spool
@@ -52,6 +55,7 @@ class BoundaryService(MultiService):
                 spool=spool,
                 metrics=metrics,
                 reactor=reactor,
+                served=served,
                 announce=announce,
                 clock=clock,
             )

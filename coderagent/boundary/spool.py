@@ -151,6 +151,9 @@ class Spool:
         self._idleWaiters: Waiters[None] = Waiters()
         self._commitCall: IDelayedCall | None = None
         self._diskFailing = False
+        self._bufferFull = False
+        #: Bytes appended since the last write began (what the next one will carry).
+        self._sinceWrite = 0
         self._available: Waiters[None] = Waiters()
         #: Batches (and their logs and bytes) accepted and not yet acknowledged.
         self.pendingRecords = 0
@@ -234,6 +237,7 @@ class Spool:
         self._count(record.seq, logs, record.size)
         self._memory.append(record)
         self._inMemory += record.size
+        self._sinceWrite += record.size
         self._boundMemory()
         self._scheduleCommit()
         self._wakeReaders()
@@ -306,15 +310,16 @@ class Spool:
                 self._evictedThrough = oldest.seq
                 continue
             self._uncount(oldest)
-            log.warn(
-                "boundary spool: {limit} bytes of audit logs are waiting in memory for the disk; "
-                "dropped the oldest batch ({logs} logs)",
-                limit=self.memoryBytes,
-                logs=oldest.logs,
-            )
+            if not self._bufferFull:  # once until the disk takes batches again
+                self._bufferFull = True
+                log.warn(
+                    "boundary spool: {limit} bytes of audit logs are waiting in memory for the "
+                    "disk; dropping the oldest (counted as buffer_full)",
+                    limit=self.memoryBytes,
+                )
             self.onDrop("buffer_full", 1, oldest.logs)
-        if self._inMemory > self.memoryBytes // 2 and not self._writing and not self._diskFailing:
-            self._commitNow()  # half full of what is not on disk yet: do not wait
+        if self._sinceWrite > self.memoryBytes // 2 and not self._writing and not self._diskFailing:
+            self._commitNow()  # half the memory bound arrived since the last write: do not wait
 
     # -- taking and acknowledging -----------------------------------------------------
 
@@ -384,6 +389,8 @@ class Spool:
             size += record.size
         if out:
             self._taken = max(self._taken, out[-1].seq)
+        if self._inMemory < self.memoryBytes // 2:
+            self._bufferFull = False  # drained: a new overflow is worth a new line
         self._inFlight.extend(out)
         return out
 
@@ -429,6 +436,7 @@ class Spool:
         cancelCall(self._commitCall)
         self._commitCall = None
         through = self._nextSeq - 1
+        self._sinceWrite = 0
         forget = max(self._acked, self._droppedThrough)
         floor = max(self._committed, forget)
         rows: list[Row] = []
@@ -457,6 +465,7 @@ class Spool:
                 self._stored = max(self._stored, rows[-1][0])
             if deleteThrough:
                 self._deleted = deleteThrough
+            self._bufferFull = False
             if self._diskFailing:
                 self._diskFailing = False
                 log.info("boundary spool {dir}: writing works again", dir=str(self.directory))

@@ -1,29 +1,29 @@
-"""What the agent tells coderd about itself on every connection.
+"""What the agent tells coderd about itself: the manifest in, startup and lifecycle out.
 
-Upstream's agent, once connected, fetches the manifest, reports its startup
-(version and expanded directory) the first time, and reports each lifecycle
-transition once, in order, however often the connection drops in between.
-This agent runs no startup scripts, so it goes ``STARTING`` then ``READY``
-as soon as it has a manifest, and ``SHUTTING_DOWN`` then ``OFF`` when it is
-stopped (bounded: a coderd that is gone does not hold up the shutdown).
+On every connection, as upstream's ``handleManifest``: fetch the manifest,
+report the startup (version and the expanded directory, ``""`` when the
+manifest sets none), then hand the manifest to whoever listens (sessions'
+environment, and on the first one the start of the workspace).  A failure
+on the way drops the connection and the next one tries again.
 
-The manifest is kept for whoever needs it (sessions, the boundary proxy):
-:attr:`Reporter.manifest` and :meth:`Reporter.onManifest`.
+Lifecycle states are reported by :meth:`Reporter.transition`, forward only
+(as upstream's ``setLifecycle``: a state that is not after the last one is
+refused and logged), each delivered once and in order however often the
+connection drops in between: one interrupted by a disconnect is sent again
+on the next connection, so coderd may see a state twice, never out of order.
+*Which* state and when is decided by :mod:`coderagent.agentlifecycle`.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import timestamp_pb2
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -35,60 +35,38 @@ log = Logger()
 
 State = agent_pb2.Lifecycle.State
 
-#: How long stopping may spend telling coderd, a report already on its way included.
-SHUTDOWN_REPORT_TIMEOUT = 5.0
-
-
-_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
-
-
-def expandDirectory(directory: str, environ: Mapping[str, str]) -> str:
-    """The manifest's directory as sessions see it: ``~`` and ``$VARS`` expanded, else $HOME.
-
-    Unset variables expand to nothing, as Go's ``os.ExpandEnv`` does.
-    """
-    home = environ.get("HOME") or os.path.expanduser("~")
-    if not directory:
-        return home
-    if directory == "~" or directory.startswith("~/"):
-        directory = home + directory[1:]
-    return _VARIABLE.sub(lambda m: environ.get(m.group(1) or m.group(2), ""), directory)
-
-
-def sessionVariables(manifest: agent_pb2.Manifest) -> dict[str, str]:
-    """What sessions learn from the manifest: upstream's ``CODER_*`` identity variables."""
-    variables = {
-        "CODER_WORKSPACE_NAME": manifest.workspace_name,
-        "CODER_WORKSPACE_AGENT_NAME": manifest.agent_name,
-        "CODER_WORKSPACE_OWNER_NAME": manifest.owner_username,
-    }
-    if len(manifest.workspace_id) == 16:
-        variables["CODER_WORKSPACE_ID"] = str(uuid.UUID(bytes=manifest.workspace_id))
-    return {k: v for k, v in variables.items() if v}
+#: ``listener(manifest, first)``: ``first`` is true for the agent's first manifest only.
+ManifestListener = Callable[[agent_pb2.Manifest, bool], None]
 
 
 class Reporter(Service):
     """Manifest in; startup and lifecycle out, each delivered once and in order."""
 
-    def __init__(self, client: CoderdClient, environ: Mapping[str, str], clock: Any) -> None:
+    def __init__(
+        self,
+        client: CoderdClient,
+        expandDirectory: Callable[[str], str],
+        clock: Any,
+        wallClock: Callable[[], float] = time.time,
+    ) -> None:
+        """``expandDirectory`` turns the manifest's ``directory`` into what
+        ``UpdateStartup`` reports; ``wallClock`` stamps the transitions."""
         self.client = client
-        self.environ = dict(environ)
+        self.expandDirectory = expandDirectory
         self.clock = clock
+        self.wallClock = wallClock
         self.manifest: agent_pb2.Manifest | None = None
-        self._listeners: list[Callable[[agent_pb2.Manifest], None]] = []
+        self._listeners: list[ManifestListener] = []
         self._pending: deque[agent_pb2.Lifecycle] = deque()
         self._sending = False
         self._waiters: list[Deferred[None]] = []
-        self._startupSent = False
-        self._started = False
-        #: The last lifecycle state coderd acknowledged (a ``Lifecycle.State`` name).
+        #: The last state set (reported or not), and the last one coderd acknowledged.
+        self.state: int = State.CREATED
         self.reportedState = "CREATED"
 
-    def onManifest(self, listener: Callable[[agent_pb2.Manifest], None]) -> None:
-        """Call ``listener`` with each manifest received (and the current one, if any)."""
+    def onManifest(self, listener: ManifestListener) -> None:
+        """Call ``listener(manifest, first)`` with each manifest, once coderd has the startup."""
         self._listeners.append(listener)
-        if self.manifest is not None:
-            listener(self.manifest)
 
     # -- service -----------------------------------------------------------------
 
@@ -96,27 +74,22 @@ class Reporter(Service):
         super().startService()
         self.client.onConnect(self._connected)
 
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        if not self._started:
-            return succeed(None)
-        self._transition(State.SHUTTING_DOWN)
-        self._transition(State.OFF)
-        return self.report(timeout=SHUTDOWN_REPORT_TIMEOUT).addErrback(self._shutdownFailed)
-
-    def _shutdownFailed(self, reason: Failure) -> None:
-        log.warn(
-            "could not report shutdown to coderd: {error}", error=reason.getErrorMessage()
-        )
-
     # -- on every connection -----------------------------------------------------
 
     def _connected(self, client: CoderdClient) -> Deferred[None]:
         d: Deferred[Any] = client.call("GetManifest", agent_pb2.GetManifestRequest())
-        d.addCallback(self._gotManifest)
-        d.addCallback(lambda _: self._reportStartup())
+        d.addCallback(self._reportStartup)
         d.addCallback(lambda _: self.report())
         return d
+
+    def _reportStartup(self, manifest: agent_pb2.Manifest) -> Deferred[Any]:
+        startup = agent_pb2.Startup(
+            version=__version__, expanded_directory=self.expandDirectory(manifest.directory)
+        )
+        d: Deferred[Any] = self.client.call(
+            "UpdateStartup", agent_pb2.UpdateStartupRequest(startup=startup)
+        )
+        return d.addCallback(lambda _: self._gotManifest(manifest))
 
     def _gotManifest(self, manifest: agent_pb2.Manifest) -> None:
         first = self.manifest is None
@@ -129,37 +102,35 @@ class Reporter(Service):
                 workspace=manifest.workspace_name,
             )
         for listener in list(self._listeners):
-            listener(manifest)
-
-    def _reportStartup(self) -> Deferred[Any]:
-        if self._startupSent or self.manifest is None:
-            return succeed(None)
-        startup = agent_pb2.Startup(
-            version=__version__,
-            expanded_directory=expandDirectory(self.manifest.directory, self.environ),
-        )
-
-        def sent(_: object) -> None:
-            self._startupSent = True
-            if not self._started:
-                # No startup scripts to run: ready as soon as coderd knows us.
-                self._started = True
-                self._transition(State.STARTING)
-                self._transition(State.READY)
-
-        d: Deferred[Any] = self.client.call(
-            "UpdateStartup", agent_pb2.UpdateStartupRequest(startup=startup)
-        )
-        return d.addCallback(sent)
+            listener(manifest, first)
 
     # -- lifecycle: every transition, once, in order ------------------------------
 
-    def _transition(self, state: int) -> None:
+    def transition(self, state: int) -> bool:
+        """Move to ``state`` and report it; refused (``False``) unless it is after the last."""
+        if state <= self.state:
+            log.warn(
+                "attempted to set lifecycle state to a previous state: {current} after {last}",
+                current=State.Name(state),
+                last=State.Name(self.state),
+            )
+            return False
+        self.state = state
         changed = timestamp_pb2.Timestamp()
-        changed.FromNanoseconds(int(time.time() * 1e9))
+        changed.FromNanoseconds(int(self.wallClock() * 1e9))
         lifecycle = agent_pb2.Lifecycle(changed_at=changed)
         lifecycle.state = state  # type: ignore[assignment]
         self._pending.append(lifecycle)
+        log.info("lifecycle: {state}", state=State.Name(state))
+        if self.manifest is not None:
+            self.report().addErrback(self._notReported)
+        return True
+
+    def _notReported(self, reason: Failure) -> None:
+        log.info(
+            "lifecycle not reported yet ({error}); it goes on the next connection",
+            error=reason.getErrorMessage(),
+        )
 
     def report(self, timeout: float | None = None) -> Deferred[None]:
         """Report what is pending, oldest first; fires when all went, fails at the first error.

@@ -1,7 +1,10 @@
-"""``coder-agent status``: ask a running agent over its control socket.
+"""``coder-agent``: ask a running agent over its control socket, or check a policy file.
 
     coder-agent status [--socket PATH]       # prints the agent's status as JSON
     coder-agent ping [--socket PATH]
+    coder-agent policy check FILE            # see coderagent.policy.explain
+    coder-agent policy explain FILE --local HOST:PORT | --reverse HOST:PORT
+                                    | --local-unix PATH | --reverse-unix PATH [--key LINE]
 
 The socket is ``--socket-path`` of the agent (``$CODER_AGENT_SOCKET_PATH``),
 by default ``$TMPDIR/coder-agent.sock``; the agent serves it when started
@@ -19,6 +22,7 @@ import socket
 import sys
 
 from coderagent.options import DEFAULT_SOCKET_PATH
+from coderagent.policy import explain
 
 
 def ask(path: str, command: str, timeout: float = 10.0) -> dict[str, object]:
@@ -38,13 +42,18 @@ def ask(path: str, command: str, timeout: float = 10.0) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coder-agent", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["status", "ping"])
-    parser.add_argument(
-        "--socket",
-        default=os.environ.get("CODER_AGENT_SOCKET_PATH") or DEFAULT_SOCKET_PATH,
-        help="the agent's control socket [$CODER_AGENT_SOCKET_PATH]",
-    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("status", "ping"):
+        asking = commands.add_parser(name, help=f"{name} the running agent")
+        asking.add_argument(
+            "--socket",
+            default=os.environ.get("CODER_AGENT_SOCKET_PATH") or DEFAULT_SOCKET_PATH,
+            help="the agent's control socket [$CODER_AGENT_SOCKET_PATH]",
+        )
+    explain.addParser(commands)
     args = parser.parse_args(argv)
+    if args.command == "policy":
+        return explain.run(args, print)
     try:
         answer = ask(args.socket, args.command)
     except (OSError, ValueError) as e:

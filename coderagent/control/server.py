@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
-from coderagent.files import PRIVATE_SOCKET_MODE
 from coderagent.listening import ListeningService
 from coderagent.observe.status import AgentStatus
-from coderagent.unixsocket import removeStaleSocket
+from coderagent.unixsocket import ServedSockets, agentSocket
 
 
 class ControlProtocol(LineOnlyReceiver):
@@ -59,14 +57,14 @@ class ControlFactory(Factory):
         return ControlProtocol(self.status)
 
 
-def controlSocket(path: str, reactor: Any, status: AgentStatus) -> ListeningService:
+def controlSocket(
+    path: str, reactor: Any, status: AgentStatus, *, served: ServedSockets
+) -> ListeningService:
     """The control socket at ``path`` (0600; a stale socket file is replaced, a live one not)."""
-    return ListeningService(
+    return agentSocket(
         reactor=reactor,
-        description=path,
+        path=path,
         factory=ControlFactory(status),
         what="control socket",
-        required=False,
-        endpoint=UNIXServerEndpoint(reactor, path, mode=PRIVATE_SOCKET_MODE),
-        prepare=lambda: removeStaleSocket(path, "control socket"),
+        served=served,
     )

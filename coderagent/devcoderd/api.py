@@ -1,7 +1,8 @@
 """coderd's agent RPCs, answered from the workspace and recorded in memory.
 
 :class:`DevAgentAPI` is coderd-dev's whole state: what the agent reported
-(lifecycle, startup, connections, stats, logs, boundary logs, ...), readable
+(lifecycle, startups, connections, stats, script logs per source and
+timings, boundary logs, ...), readable
 by tests in the same process (``when``) and by a person through
 ``--state-file`` (:meth:`DevAgentAPI.state`).
 """
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from google.protobuf import duration_pb2, empty_pb2, json_format
@@ -22,7 +24,8 @@ from twisted.logger import Logger, LogLevel
 
 from coderagent.coderd.api import RPCS
 from coderagent.coderd.drpcwire import DRPCError
-from coderagent.devcoderd.coderdlog import boundaryLines, formatFields, rpcLog
+from coderagent.devcoderd.coderdlog import boundaryLines, formatFields, rfc3339Nano, rpcLog
+from coderagent.devcoderd.scriptlogs import LOG_LIMIT, ScriptRecords
 from coderagent.devcoderd.workspace import Workspace
 from coderagent.gotext import goQuote
 from coderagent.observe.logs import humanLine
@@ -71,27 +74,33 @@ class DevAgentAPI:
         workspace: Workspace,
         clock: Callable[[], float] = time.time,
         out: IO[str] | None = None,
+        logLimit: int = LOG_LIMIT,
         *,
         reportInterval: float = STATS_INTERVAL_SECONDS,
         monitoring: agent_pb2.GetResourcesMonitoringConfigurationResponse | None = None,
     ) -> None:
-        """``out`` receives the ``boundary_request`` lines (default: the process's stderr,
-        not whatever twistd later puts in ``sys.stderr``); ``reportInterval`` is the
-        stats interval UpdateStats answers (``--report-interval``); ``monitoring`` the
-        resources monitoring configuration (``--monitor-*``; default: nothing watched)."""
+        """``out`` receives the ``boundary_request``, script and report lines (default:
+        the process's stderr, not whatever twistd later puts in ``sys.stderr``);
+        ``logLimit`` is coderd's bound on the agent's script logs; ``reportInterval``
+        is the stats interval UpdateStats answers (``--report-interval``);
+        ``monitoring`` the resources monitoring configuration (``--monitor-*``;
+        default: nothing watched)."""
         self.workspace = workspace
         self.reportInterval = reportInterval
         self.monitoring = monitoring or resourcesMonitoring()
         self.clock = clock
         self.out: IO[str] = out or sys.__stderr__ or sys.stderr
         self.lifecycle: list[int] = []
-        self.startup: agent_pb2.Startup | None = None
+        #: When the agent says each lifecycle state began (``changed_at``, Unix seconds).
+        self.lifecycleChangedAt: list[float] = []
+        #: Every startup reported (the agent reports it on each connection).
+        self.startups: list[agent_pb2.Startup] = []
         self.connections: deque[agent_pb2.Connection] = deque(maxlen=KEEP_IN_STATE)
         #: The latest stats reports (blank ones, which only ask the interval, are not kept).
         self.stats: deque[agent_pb2.Stats] = deque(maxlen=KEEP_IN_STATE)
         #: Sums over every stats report, of the fields that are per period.
         self.statsTotals = dict.fromkeys(("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"), 0)
-        self.logs: list[agent_pb2.Log] = []
+        self.scripts = ScriptRecords(workspace, lambda: self.out, clock, logLimit)
         #: The latest value of each metadata key, as the agent sent it.
         self.metadata: dict[str, agent_pb2.WorkspaceAgentMetadata.Result] = {}
         #: Each app's health as the agent last reported it, by app id (16 bytes).
@@ -116,6 +125,7 @@ class DevAgentAPI:
             ("ReportConnection", self.reportConnection),
             ("BatchCreateLogs", self.batchCreateLogs),
             ("GetAnnouncementBanners", self.getAnnouncementBanners),
+            ("ScriptCompleted", self.scripts.scriptCompleted),
             ("UpdateStats", self.updateStats),
             ("ReportBoundaryLogs", self.reportBoundaryLogs),
             ("BatchUpdateMetadata", self.batchUpdateMetadata),
@@ -157,7 +167,11 @@ class DevAgentAPI:
                 "owner_username": w.ownerUsername,
             },
             "lifecycle": [agent_pb2.Lifecycle.State.Name(s) for s in self.lifecycle],
+            "lifecycle_changed_at": [
+                rfc3339Nano(datetime.fromtimestamp(t, tz=UTC)) for t in self.lifecycleChangedAt
+            ],
             "startup": _json(self.startup) if self.startup is not None else None,
+            "startups": len(self.startups),
             "connections": [_json(c) for c in self.connections],
             "stats": [_json(s) for s in self.stats],
             "stats_totals": dict(self.statsTotals),
@@ -173,9 +187,19 @@ class DevAgentAPI:
                 "configuration": _json(self.monitoring),
                 "pushes": [_json(push) for push in self.resourcePushes],
             },
-            "logs": [_json(entry) for entry in self.logs[-KEEP_IN_STATE:]],
+            **self.scripts.state(KEEP_IN_STATE),
             "boundary": {"logs": self.boundaryLogs, "sessions": len(self._boundarySessions)},
         }
+
+    @property
+    def startup(self) -> agent_pb2.Startup | None:
+        """The startup the agent reported last."""
+        return self.startups[-1] if self.startups else None
+
+    @property
+    def logs(self) -> list[agent_pb2.Log]:
+        """Every script log line taken (all sources)."""
+        return self.scripts.logs
 
     def getManifest(self, request: agent_pb2.GetManifestRequest) -> Message:
         manifest = self.workspace.manifest()
@@ -185,13 +209,14 @@ class DevAgentAPI:
     def updateLifecycle(self, request: agent_pb2.UpdateLifecycleRequest) -> Message:
         state = request.lifecycle.state
         self.lifecycle.append(state)
+        self.lifecycleChangedAt.append(request.lifecycle.changed_at.ToNanoseconds() / 1e9)
         log.info(
             "agent lifecycle: {state}", state=agent_pb2.Lifecycle.State.Name(state), state_id=state
         )
         return request.lifecycle
 
     def updateStartup(self, request: agent_pb2.UpdateStartupRequest) -> Message:
-        self.startup = request.startup
+        self.startups.append(request.startup)
         log.info(
             "agent startup: version {version}, directory {directory}",
             version=request.startup.version or '""',
@@ -226,8 +251,7 @@ class DevAgentAPI:
         return empty_pb2.Empty()
 
     def batchCreateLogs(self, request: agent_pb2.BatchCreateLogsRequest) -> Message:
-        self.logs.extend(request.logs)
-        return agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=False)
+        return self.scripts.batchCreateLogs(request)
 
     def getAnnouncementBanners(self, request: agent_pb2.GetAnnouncementBannersRequest) -> Message:
         return agent_pb2.GetAnnouncementBannersResponse(
@@ -403,4 +427,3 @@ def _typed(
 
 
 # -- the HTTP side: the upgrade, and yamux on it ----------------------------------------
-

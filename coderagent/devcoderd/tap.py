@@ -18,6 +18,7 @@ from typing import Any
 from twisted.python import usage
 
 from coderagent.devcoderd.api import DevAgentAPI, resourcesMonitoring
+from coderagent.devcoderd.scriptlogs import LOG_LIMIT
 from coderagent.devcoderd.server import DevCoderdFactory
 from coderagent.devcoderd.statefile import StateFile
 from coderagent.devcoderd.workspace import ManifestError, Workspace
@@ -50,6 +51,14 @@ class Options(usage.Options):
             "The agent token to accept [$CODERD_DEV_TOKEN]; generated and printed if not given.",
         ],
         ["manifest", None, "", "JSON file with the workspace's manifest (defaults built in)."],
+        [
+            "log-limit",
+            None,
+            str(LOG_LIMIT),
+            "Bytes of script log output to take from the agent before answering "
+            "log_limit_exceeded, as coderd does (coderd's limit by default).",
+            int,
+        ],
         [
             "state-file",
             None,
@@ -129,6 +138,7 @@ def makeService(options: Options, reactor: Any = None) -> DevCoderdService:
         reactor = _reactor
     api = DevAgentAPI(
         getattr(options, "workspace", None) or Workspace(),
+        logLimit=int(options["log-limit"]),
         reportInterval=options["report-interval"],
         monitoring=resourcesMonitoring(
             memory=bool(options["monitor-memory"]),

@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
-from coderagent.compat import CLIENT_SERVICE_LOG_NAMESPACE
+from coderagent.compat import CLIENT_SERVICE_LOG_NAMESPACE, PrivateLogFile
 from coderagent.files import PRIVATE_FILE_MODE, makePrivateDirs
 
 log = Logger()
@@ -246,7 +246,7 @@ class QuietConch:
 def rotatingLogFile(directory: str) -> LogFile:
     """``coder-agent.log`` in ``directory``, rotated at 5 MB, 10 kept, mode 0600."""
     makePrivateDirs(directory)
-    return LogFile(
+    return PrivateLogFile(
         LOG_FILE_NAME,
         directory,
         rotateLength=ROTATE_BYTES,

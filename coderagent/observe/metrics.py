@@ -24,6 +24,9 @@ from prometheus_client import (
 FORWARD_DIRECTIONS = ("local", "reverse")
 FORWARD_TRANSPORTS = ("tcp", "unix")
 
+#: ``limit`` values of ``agent_ssh_limit_refused_total`` (ours): see coderagent.ssh.limits.
+SSH_LIMITS = ("sessions", "channels", "reverse_forwards", "env_bytes", "descriptors")
+
 #: ``magic_type`` values of the session metrics (upstream's).
 SESSION_TYPES = ("ssh", "vscode", "jetbrains", "unknown")
 
@@ -41,6 +44,8 @@ BOUNDARY_LOG_DROP_REASONS = (
     "boundary_channel_full",
     "boundary_batch_full",
 )
+#: ``reason`` values of ``agent_scripts_log_lines_dropped_total`` (ours).
+SCRIPT_LOG_DROP_REASONS = ("queue_full", "too_long", "limit_exceeded", "rejected")
 #: ``reason`` values of ``agent_boundary_log_proxy_frames_rejected_total`` (ours).
 BOUNDARY_FRAME_REJECT_REASONS = ("unsupported_tag", "too_large", "undecodable", "stalled")
 
@@ -62,6 +67,45 @@ class AgentMetrics:
         for direction in FORWARD_DIRECTIONS:
             for transport in FORWARD_TRANSPORTS:
                 self.forwardingRefusedTotal.labels(direction, transport)
+        self.forwardingRefusedByRule = Counter(
+            "agent_ssh_forwarding_refused_by_rule",
+            "The same refusals, by what decided: a --block-* flag, a policy-file rule or "
+            "default, the key's options.",
+            ["direction", "transport", "rule"],
+            registry=self.registry,
+        )
+        self.forwardingWouldRefuse = Counter(
+            "agent_ssh_forwarding_would_refuse",
+            "Forwards a policy file in audit mode let through but would refuse, by rule.",
+            ["direction", "transport", "rule"],
+            registry=self.registry,
+        )
+        self.policyReloadErrors = Counter(
+            "agent_policy_reload_errors",
+            "Reloads of --forwarding-policy-file refused because the file was invalid.",
+            registry=self.registry,
+        )
+        self.policyInfo = Gauge(
+            "agent_policy_info",
+            "The forwarding policy in force: its file's sha256 and mode (the value is 1).",
+            ["sha256", "mode"],
+            registry=self.registry,
+        )
+        self.policyLoaded = Gauge(
+            "agent_policy_loaded_timestamp_seconds",
+            "When the forwarding policy in force was loaded (Unix time).",
+            registry=self.registry,
+        )
+
+        self.limitRefusedTotal = Counter(
+            "agent_ssh_limit_refused",
+            "SSH channel opens and requests refused at a per-connection limit or to keep "
+            "the descriptor reserve, by limit.",
+            ["limit"],
+            registry=self.registry,
+        )
+        for limit in SSH_LIMITS:
+            self.limitRefusedTotal.labels(limit)
 
         self.sshFailedConnections = Counter(
             "agent_ssh_server_failed_connections",
@@ -127,6 +171,26 @@ class AgentMetrics:
             self.boundaryLogsDropped.labels(reason)
         for reason in BOUNDARY_FRAME_REJECT_REASONS:
             self.boundaryFramesRejected.labels(reason)
+        self.scriptsExecuted = Counter(
+            "agent_scripts_executed",
+            "Runs of the workspace's scripts (start, stop and cron), by whether they succeeded.",
+            ["success"],
+            registry=self.registry,
+        )
+        self.startupScriptSeconds = Gauge(
+            "agent_startup_script_seconds",
+            "How long the start scripts took, by whether they all succeeded.",
+            ["success"],
+            registry=self.registry,
+        )
+        self.scriptLogLinesDropped = Counter(
+            "agent_scripts_log_lines_dropped",
+            "Lines of script output not sent to coderd, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in SCRIPT_LOG_DROP_REASONS:
+            self.scriptLogLinesDropped.labels(reason)
         self._spooled = {
             name: Gauge(
                 f"agent_boundary_log_proxy_spooled_{name}",
@@ -151,6 +215,10 @@ class AgentMetrics:
         if logs:
             self.boundaryLogsDropped.labels(reason).inc(logs)
 
+    def scriptLogLinesDroppedBy(self, reason: str, lines: int) -> None:
+        """Count lines of script output coderd will not get."""
+        self.scriptLogLinesDropped.labels(reason).inc(lines)
+
     def watchSpool(
         self, batches: Callable[[], int], logs: Callable[[], int], size: Callable[[], int]
     ) -> None:
@@ -159,9 +227,26 @@ class AgentMetrics:
         self._spooled["logs"].set_function(logs)
         self._spooled["bytes"].set_function(size)
 
-    def forwardingRefused(self, direction: str, transport: str) -> None:
-        """Count one forward refused by policy (``local|reverse``, ``tcp|unix``)."""
+    def forwardingRefused(self, direction: str, transport: str, rule: str = "") -> None:
+        """Count one forward refused by policy (``local|reverse``, ``tcp|unix``), and by
+        ``rule`` when it is known."""
         self.forwardingRefusedTotal.labels(direction, transport).inc()
+        if rule:
+            self.forwardingRefusedByRule.labels(direction, transport, rule).inc()
+
+    def forwardingWouldBeRefused(self, direction: str, transport: str, rule: str) -> None:
+        """Count one forward an audit-mode policy let through but would refuse."""
+        self.forwardingWouldRefuse.labels(direction, transport, rule).inc()
+
+    def policyLoadedNow(self, digest: str, mode: str, when: float) -> None:
+        """The forwarding policy ``digest`` is in force since ``when``."""
+        self.policyInfo.clear()
+        self.policyInfo.labels(digest, mode).set(1)
+        self.policyLoaded.set(when)
+
+    def limitRefused(self, limit: str) -> None:
+        """Count one refusal at ``limit`` (one of :data:`SSH_LIMITS`)."""
+        self.limitRefusedTotal.labels(limit).inc()
 
     def value(self, name: str, **labels: str) -> float | None:
         """A sample's current value (for tests and diagnostics), or ``None``."""

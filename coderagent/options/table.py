@@ -307,6 +307,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "what was received earlier survives a crash.",
     ),
     OptionSpec(
+        "forwarding-policy-file",
+        "CODER_AGENT_FORWARDING_POLICY_FILE",
+        "",
+        OPTIONAL_PATH,
+        "A TOML file of forwarding and file-transfer rules (see the README); reloaded on "
+        "SIGHUP or when it changes. The --block-* flags still apply on top of it.",
+    ),
+    OptionSpec(
         "ssh-login-grace-time",
         "CODER_AGENT_SSH_LOGIN_GRACE_TIME",
         "2m",
@@ -319,6 +327,34 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "6",
         COUNT,
         "Failed authentication attempts allowed per SSH connection before it is closed.",
+    ),
+    OptionSpec(
+        "ssh-max-sessions",
+        "CODER_AGENT_SSH_MAX_SESSIONS",
+        "10",
+        COUNT,
+        "Open sessions (shell, exec, sftp) allowed per SSH connection, as sshd's MaxSessions.",
+    ),
+    OptionSpec(
+        "ssh-max-channels",
+        "CODER_AGENT_SSH_MAX_CHANNELS",
+        "1024",
+        COUNT,
+        "Open channels (sessions and forwarded connections) allowed per SSH connection.",
+    ),
+    OptionSpec(
+        "ssh-max-reverse-forwards",
+        "CODER_AGENT_SSH_MAX_REVERSE_FORWARDS",
+        "256",
+        COUNT,
+        "Reverse forwarding listeners (TCP and Unix socket) allowed per SSH connection.",
+    ),
+    OptionSpec(
+        "ssh-max-env-bytes",
+        "CODER_AGENT_SSH_MAX_ENV_BYTES",
+        "256KiB",
+        SIZE,
+        "Total size of the env requests (names and values) one SSH session accepts.",
     ),
 )
 

@@ -32,6 +32,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderagent import launch
 from coderagent.deferreds import cancelCall
 from coderagent.gotext import signalText
 
@@ -90,12 +91,14 @@ class CommandRunner:
             done.callback(CommandResult("", f"start cmd: fork/exec {self.shell}: {problem}"))
             return done
         try:
-            transport = self.reactor.spawnProcess(
+            transport = launch.spawnProcess(
+                self.reactor,
                 protocol,
                 self.shell,
                 [self.shell, "-c", script],
                 env=dict(self.environment()),
                 path=cwd,
+                newSession=True,
             )
         except OSError as e:
             done.callback(CommandResult("", f"start cmd: {e}"))

@@ -249,6 +249,15 @@ class ConnectionLog(Service):
 
     # -- stopping: drain, bounded ----------------------------------------------------
 
+    def drain(self) -> Deferred[None]:
+        """Fires once coderd has every event held (the shutdown waits on it, bounded, with
+        the scripts' logs, after the SSH server's goodbye has ended its sessions)."""
+        if not self.pending:
+            return succeed(None)
+        done: Deferred[None] = self._empty.wait()
+        self._kick()
+        return done
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         if not self.pending:
@@ -273,4 +282,3 @@ class ConnectionLog(Service):
         self._sendingAllowed = False
         cancelCall(self._retry)
         self._retry = None
-

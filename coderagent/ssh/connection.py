@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: WINDOW_ADJUST's payload: the recipient channel, the bytes to add.
+_WINDOW_ADJUST = struct.Struct(">LL")
+
 #: Below this, upstream treats --ssh-max-timeout as an absolute deadline.
 KEEPALIVE_THRESHOLD = 3.0
 KEEPALIVE_COUNT_MAX = 3
@@ -108,6 +111,27 @@ class AgentConnection(DeferredOpenConnection):
             return
         head = CHANNEL_DATA_HEAD.pack(self.channelsToRemoteChannel[channel], len(data))
         self.transport.sendPacketParts(connection.MSG_CHANNEL_DATA, (head, data))
+
+    def sendDataChunks(self, channel: Any, chunks: list[Chunk]) -> None:
+        """One CHANNEL_DATA packet per chunk, written to the socket together."""
+        if channel.localClosed:
+            return
+        remote = self.channelsToRemoteChannel[channel]
+        self.transport.sendPackets(
+            connection.MSG_CHANNEL_DATA,
+            [(CHANNEL_DATA_HEAD.pack(remote, len(chunk)), chunk) for chunk in chunks],
+        )
+
+    def adjustWindow(self, channel: Any, bytesToAdd: int) -> None:
+        # As Conch's, without the debug log event it emits for every
+        # adjustment (one every few packets per channel).
+        if channel.localClosed:
+            return
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_WINDOW_ADJUST,
+            _WINDOW_ADJUST.pack(self.channelsToRemoteChannel[channel], bytesToAdd),
+        )
+        channel.localWindowLeft += bytesToAdd
 
     def windowShare(self, cap: int) -> int:
         """The window one channel may have now: an even share of the budget."""

@@ -89,13 +89,16 @@ FORWARD_REQUESTS = {
 }
 
 
-def forwardRefusal(direction: str, transport: str, target: str) -> str:
+def forwardRefusal(direction: str, transport: str, target: str, why: str | None = None) -> str:
     """The reason of a refused forward.
 
-    For example ``reverse port forwarding blocked: tcpip-forward 0.0.0.0:8080``.
+    For example ``reverse port forwarding blocked: tcpip-forward 0.0.0.0:8080``, and
+    with ``why`` (what refused it, when not a block flag), ``local port forwarding
+    blocked: direct-tcpip db:5432 (refused by policy rule 'no-db')``.
     """
     request = FORWARD_REQUESTS[direction, transport]
-    return f"{direction} port forwarding blocked: {request} {shown(target)}"
+    text = f"{direction} port forwarding blocked: {request} {shown(target)}"
+    return f"{text} ({why})" if why else text
 
 
 @implementer(IConnectionEvents)

@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.conch.error import ConchError
 from twisted.conch.interfaces import ISFTPServer
-from twisted.conch.ssh import channel, common, connection, session
+from twisted.conch.ssh import channel, common, connection
 from twisted.conch.ssh.filetransfer import FileTransferServer
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IAddress, IPushProducer, ITransport
@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from coderagent.descriptors import DescriptorReserve
 from coderagent.netaddr import describePeer
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.policy import (
@@ -39,11 +40,26 @@ from coderagent.policy import (
     FILE_TRANSFER_BLOCKED_MESSAGE,
     Policy,
 )
+from coderagent.policy.keyoptions import KeyOptions
 from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
 from coderagent.ssh.events import NoConnectionEvents, SessionStatus, sessionEnd, transferRefusal
 from coderagent.ssh.interfaces import IConnectionEvents, IWindowedChannel
-from coderagent.ssh.spawn import PtyRequest, resizeTerminal, spawnSession
+from coderagent.ssh.limits import ConnectionLimits, SSHLimits
+from coderagent.ssh.requests import (
+    MalformedPayload,
+    PtyRequest,
+    parseEnv,
+    parseExec,
+    parsePtyReq,
+    parseShell,
+    parseSignal,
+    parseSubsystem,
+    parseWindowChange,
+)
+from coderagent.ssh.spawn import resizeTerminal, spawnSession
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
+from coderagent.unixsocket import ServedSockets
+from coderagent.workspaceenv import WorkspaceEnvironment
 
 log = Logger()
 
@@ -70,28 +86,38 @@ SIGNALS: Mapping[str, signal.Signals] = {
 #: Exit status for an internal failure to start the command (upstream's MagicSessionErrorCode).
 SESSION_ERROR_EXIT_STATUS = 229
 
-#: Bound on ``env`` requests per channel: a peer controls this memory.
-MAX_ENV_REQUESTS = 1024
-
 
 @dataclass
 class SessionContext:
     """Everything a session needs from the rest of the agent.
 
-    ``overrides`` is a live mapping: services that learn something later (the
-    manifest, the boundary socket path) update it and new sessions see it.
+    ``workspace`` is live: services that learn something later (the manifest,
+    the boundary socket path) update it and new sessions see it.
     """
 
     policy: Policy
     reactor: Any
     user: UserInfo
     agentEnvironment: Mapping[str, str]
-    defaults: Mapping[str, str] = field(default_factory=lambda: {"CODER": "true"})
-    overrides: dict[str, str] = field(default_factory=dict)
+    workspace: WorkspaceEnvironment | None = None
     sftpServer: Callable[[str], ISFTPServer] | None = None
     metrics: AgentMetrics | None = None
+    #: The agent's own socket paths, which forwards may not take.
+    servedSockets: ServedSockets = field(default_factory=ServedSockets)
+    #: What each connection may hold (see coderagent.ssh.limits).
+    limits: SSHLimits = field(default_factory=SSHLimits)
+    #: The descriptors forwarding must leave free (None: not enforced).
+    descriptors: DescriptorReserve | None = None
+    #: What a login shell on a terminal prints first (banners, MOTD: ``ssh.motd``).
+    loginMessage: Callable[[], bytes] | None = None
+    #: How forwarding resolves a host name (blocking, run in a thread; ``netaddr.resolve``).
+    resolver: Callable[[str, int], list[str]] | None = None
     #: Told of every session's start and end and of every refusal (the connection log).
     events: IConnectionEvents = field(default_factory=NoConnectionEvents)
+
+    def __post_init__(self) -> None:
+        if self.workspace is None:
+            self.workspace = WorkspaceEnvironment(self.agentEnvironment, self.user)
 
 
 class _SessionProcessProtocol(ProcessProtocol):
@@ -143,18 +169,26 @@ class SessionChannel(channel.SSHChannel):
     #: The AgentConnection this channel lives on (Conch types it loosely).
     conn: Any
 
-    def __init__(self, context: SessionContext, **kw: Any) -> None:
+    def __init__(
+        self, context: SessionContext, limits: ConnectionLimits | None = None, **kw: Any
+    ) -> None:
+        """``limits`` are the connection's (default: a connection of its own)."""
         kw.setdefault("localWindow", CHANNEL_WINDOW)
         kw.setdefault("localMaxPacket", CHANNEL_MAX_PACKET)
         super().__init__(**kw)
         self.context = context
+        self.limits = limits if limits is not None else ConnectionLimits(context.limits)
         self.clientEnvironment: list[tuple[str, str]] = []
+        #: Bytes of the env requests accepted so far (names and values).
+        self.environmentBytes = 0
         self.sessionType = "ssh"
         self.pty: PtyRequest | None = None
         self.process: Any = None
         self.subsystem: Protocol | None = None
         self.sftp: Any = None
         self.command: str | None = None
+        #: What the client asked to run when the key's ``command=`` replaced it.
+        self.originalCommand: str | None = None
         self.consumerPaused = False
         self.windowCap = self.localWindowSize
         self._started = False
@@ -174,11 +208,12 @@ class SessionChannel(channel.SSHChannel):
             return 0
         try:
             return handler(self, data)
-        except (struct.error, ValueError, IndexError) as e:
+        except MalformedPayload as e:
             log.warn(
-                "malformed {request} request on session channel: {error}",
+                "malformed {request} request on session channel from {peer} refused: {error}",
                 request=requestType.decode("ascii", "replace"),
-                error=repr(e),
+                peer=self._peerText(),
+                error=str(e),
             )
             return 0
         except Exception:
@@ -191,13 +226,17 @@ class SessionChannel(channel.SSHChannel):
             return 0
 
     def _requestEnv(self, data: bytes) -> int:
-        name, rest = common.getNS(data)
-        value, _ = common.getNS(rest)
-        if self._started or len(self.clientEnvironment) >= MAX_ENV_REQUESTS:
+        name, value = parseEnv(data)
+        if self._started:
             return 0
         key = os.fsdecode(name)
         if not key or "=" in key or "\0" in key:
             return 0
+        size = len(name) + len(value)
+        variables = len(self.clientEnvironment)
+        if self.limits.env(variables=variables, used=self.environmentBytes, adding=size):
+            return 0
+        self.environmentBytes += size
         text = os.fsdecode(value)
         if key == "CODER_SSH_SESSION_TYPE":
             self.sessionType = text.lower() or "ssh"
@@ -205,15 +244,29 @@ class SessionChannel(channel.SSHChannel):
             self.clientEnvironment.append((key, text))
         return 1
 
+    @property
+    def _key(self) -> KeyOptions | None:
+        """The options of the key this session's user logged in with."""
+        options: KeyOptions | None = getattr(self.avatar, "keyOptions", None)
+        return options
+
     def _requestPty(self, data: bytes) -> int:
+        pty = parsePtyReq(data)
         if self._started:
             return 0
-        term, winSize, modes = session.parseRequest_pty_req(data)
-        self.pty = PtyRequest(os.fsdecode(term), winSize, modes)
+        decision = self.context.policy.allowPty(self._key)
+        if not decision.allowed:
+            log.info(
+                "pty-req refused for {peer}: {reason}",
+                peer=self._peerText(),
+                reason=decision.reason,
+            )
+            return 0
+        self.pty = pty
         return 1
 
     def _requestWindowChange(self, data: bytes) -> int:
-        rows, cols, xpx, ypx = session.parseRequest_window_change(data)
+        rows, cols, xpx, ypx = parseWindowChange(data)
         if self.pty is None:
             return 0
         self.pty.winSize = (rows, cols, xpx, ypx)
@@ -226,14 +279,17 @@ class SessionChannel(channel.SSHChannel):
         return 1
 
     def _requestShell(self, data: bytes) -> int:
+        parseShell(data)
         return self._start(None)
 
     def _requestExec(self, data: bytes) -> int:
-        command, _ = common.getNS(data)
-        return self._start(os.fsdecode(command))
+        return self._start(parseExec(data))
 
     def _requestSubsystem(self, data: bytes) -> int:
-        name = os.fsdecode(common.getNS(data)[0])
+        name = parseSubsystem(data)
+        if self._key is not None and self._key.command is not None:
+            # As sshd: a forced command runs instead, SSH_ORIGINAL_COMMAND says what was asked.
+            return self._start(None, original=name)
         if self._started or name != "sftp" or self.context.sftpServer is None:
             return 0
         self._started = True
@@ -260,7 +316,7 @@ class SessionChannel(channel.SSHChannel):
         return 1
 
     def _requestSignal(self, data: bytes) -> int:
-        name = os.fsdecode(common.getNS(data)[0])
+        name = parseSignal(data)
         sig = SIGNALS.get(name, signal.SIGKILL)
         if self.process is None or self._ended:
             return 0
@@ -304,10 +360,12 @@ class SessionChannel(channel.SSHChannel):
         if report is not None:
             report(*sessionEnd(status, self._endReason))
 
-    def _start(self, command: str | None) -> int:
+    def _start(self, requested: str | None, original: str | None = None) -> int:
         if self._started:
             return 0
         self._started = True
+        command, forcedOver = self.context.policy.sessionCommand(requested, self._key)
+        self.originalCommand = original if original is not None else forcedOver
         self.command = command
         self._counted(lambda m: m.sessionStarted(self.sessionType, self.pty is not None))
         self._reportStart()
@@ -347,6 +405,9 @@ class SessionChannel(channel.SSHChannel):
 
     def _spawn(self, command: str | None) -> None:
         transport = self.conn.transport.transport
+        if command is None and self.pty is not None and self.context.loginMessage is not None:
+            self.write(self.context.loginMessage())
+        forced = self._key is not None and self._key.command is not None
         self.process = spawnSession(
             self.context,
             _SessionProcessProtocol(self),
@@ -355,6 +416,11 @@ class SessionChannel(channel.SSHChannel):
             clientEnvironment=self.clientEnvironment,
             peer=transport.getPeer(),
             local=transport.getHost(),
+            sessionVariables=(
+                {"SSH_ORIGINAL_COMMAND": self.originalCommand}
+                if forced and self.originalCommand is not None
+                else None
+            ),
         )
         # Stdin back-pressure: while the child is not reading, the client's
         # window stays shut (see AgentConnection.reopenWindow).

@@ -3,7 +3,8 @@
 The session channel (:mod:`coderagent.ssh.session`) decides *whether* and
 *what* to run; this module knows *how*: ``$SHELL -l`` for a shell and
 ``$SHELL -c <command>`` for exec (never a string built from client input),
-in the user's home, with the environment of
+in the workspace's working directory (the manifest's ``directory``, else the
+home directory), with the environment of
 :func:`~coderagent.ssh.environment.sessionEnvironment`, and with a PTY set to
 the client's size and terminal modes when one was asked for.
 """
@@ -14,26 +15,19 @@ import fcntl
 import os
 import struct
 import termios
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.conch import ttymodes
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 
+from coderagent import launch
 from coderagent.ssh.environment import sessionEnvironment
+from coderagent.ssh.requests import PtyRequest
 
 #: Upstream's placeholder in SSH_CLIENT when an address has no host or port.
 _NO_ADDRESS = "0.0.0.0"  # noqa: S104 - a placeholder, not a bind address
-
-
-@dataclass
-class PtyRequest:
-    """What a ``pty-req`` asked for: the terminal, its size, its modes."""
-
-    term: str
-    winSize: tuple[int, int, int, int]
-    modes: list[tuple[int, int]]
 
 
 def packWinSize(rows: int, cols: int, xpx: int, ypx: int) -> bytes:
@@ -65,8 +59,6 @@ def applyModes(fd: int, modes: list[tuple[int, int]]) -> None:
     termios.tcsetattr(fd, termios.TCSANOW, attr)
 
 
-
-
 def resizeTerminal(process: Any, rows: int, cols: int, xpx: int, ypx: int) -> None:
     """Tell the PTY of ``process`` its new size (raises :class:`OSError`)."""
     fcntl.ioctl(process.fileno(), termios.TIOCSWINSZ, packWinSize(rows, cols, xpx, ypx))
@@ -81,24 +73,25 @@ def spawnSession(
     clientEnvironment: list[tuple[str, str]],
     peer: Any,
     local: Any,
+    sessionVariables: Mapping[str, str] | None = None,
 ) -> IProcessTransport:
-    """Start ``command`` (``None``: a login shell) for a session of ``context``."""
+    """Start ``command`` (``None``: a login shell) for a session of ``context``;
+    ``sessionVariables`` are set over everything else (``SSH_ORIGINAL_COMMAND``)."""
     ctx = context
     shell = ctx.user.shell
     argv = [shell, "-l"] if command is None else [shell, "-c", command]
     envArgs: dict[str, Any] = dict(
-        agentEnvironment=ctx.agentEnvironment,
+        workspace=ctx.workspace,
         clientEnvironment=clientEnvironment,
-        user=ctx.user,
-        defaults=ctx.defaults,
-        overrides=ctx.overrides,
         peer=(getattr(peer, "host", _NO_ADDRESS), getattr(peer, "port", 0)),
         local=(getattr(local, "host", _NO_ADDRESS), getattr(local, "port", 0)),
+        session=sessionVariables,
     )
+    directory = ctx.workspace.workingDirectory()
     if pty is None:
         env = sessionEnvironment(**envArgs)
-        process: IProcessTransport = ctx.reactor.spawnProcess(
-            protocol, shell, argv, env=env, path=ctx.user.home, usePTY=False
+        process: IProcessTransport = launch.spawnProcess(
+            ctx.reactor, protocol, shell, argv, env=env, path=directory
         )
         return process
     master, slave = os.openpty()
@@ -107,12 +100,13 @@ def spawnSession(
         applyModes(slave, pty.modes)
         fcntl.ioctl(slave, termios.TIOCSWINSZ, packWinSize(*pty.winSize))
         env = sessionEnvironment(**envArgs, term=pty.term, ttyName=ttyName)
-        process = ctx.reactor.spawnProcess(
+        process = launch.spawnProcess(
+            ctx.reactor,
             protocol,
             shell,
             argv,
             env=env,
-            path=ctx.user.home,
+            path=directory,
             usePTY=(master, slave, ttyName),
         )
     except BaseException:

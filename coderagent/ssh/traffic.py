@@ -5,9 +5,10 @@ SSH stream is what carries everything a user does (sessions, file transfer,
 forwards).  The counting costs nothing per packet:
 
 * bytes read: the transport adds the size of each read from the socket
-  (``AgentServerTransport.rxBytes``, up to 64 KiB a read);
-* bytes written: each ``send`` system call adds what it sent
-  (``txBytes``, see :func:`coderagent.compat.countWrites`);
+  (``AgentServerTransport.rxBytes``, up to 256 KiB a read);
+* bytes written: each ``send`` system call adds what it sent (``txBytes``:
+  Twisted's sends through :func:`coderagent.compat.countWrites`, the
+  transport's own immediate ones in :func:`coderagent.compat.sendNow`);
 * packets: the SSH sequence numbers, which the transport keeps anyway, are
   the number of packets each way.  A key exchange that restarts them (strict
   key exchange) is noticed as a decrease, and what had been counted is kept.

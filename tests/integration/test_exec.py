@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.agentproc import Agent, ClientKeys, ssh, sshOptions
+from tests.agentproc import Agent, ClientKeys, runningAgent, ssh, sshOptions
 
 
 def test_exec_output_and_status(agent: Agent, clientKeys: ClientKeys) -> None:
@@ -139,3 +139,21 @@ def test_rekeying_mid_transfer_loses_nothing(agent: Agent, clientKeys: ClientKey
     assert result.returncode == 0, result.stderr[-2000:]
     assert hashlib.sha256(result.stdout).digest() == hashlib.sha256(data).digest()
     assert result.stderr.count(b"SSH2_MSG_NEWKEYS received") > 10
+
+
+def test_a_home_removed_after_start_is_a_clear_session_error(
+    clientKeys: ClientKeys, tmp_path: Path
+) -> None:
+    # The session's process is started by the agent itself (posix_spawn),
+    # so a directory that is gone is the agent's error to report, not a
+    # traceback from a forked child.
+    home = tmp_path / "gone"
+    home.mkdir()
+    with runningAgent(clientKeys, tmp_path / "agent", extraEnv={"HOME": str(home)}) as agent:
+        home.rmdir()
+        result = ssh(agent, clientKeys.key, "echo never")
+        assert result.returncode == 229
+        assert result.stdout == b""
+        assert result.stderr.startswith(b"coder-agent: cannot start ")
+        assert b"No such file or directory" in result.stderr
+        assert b"Traceback" not in result.stderr

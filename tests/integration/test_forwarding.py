@@ -11,6 +11,7 @@ process exits, each with a bounded timeout.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -555,23 +556,76 @@ def test_reverse_unix_same_path_twice_on_one_connection_succeeds(
         transport.close()
 
 
-def test_reverse_unix_forward_onto_a_directory_fails(
-    agent: Agent, clientKeys: ClientKeys, sockdir: Path
+@pytest.mark.parametrize(
+    "kind", ["regular file", "symlink", "directory", "live socket", "the agent's boundary socket"]
+)
+def test_reverse_unix_forward_never_destroys_what_is_at_the_path(
+    agent: Agent, clientKeys: ClientKeys, sockdir: Path, kind: str
 ) -> None:
-    blocker = sockdir / "dir.sock"
-    blocker.mkdir()
-    done = runSsh(
-        agent,
-        clientKeys.key,
-        "-N",
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-R",
-        f"{blocker}:{sockdir / 't.sock'}",
+    """Only a stale socket is replaced (issue 11: ``-R`` took over the audit socket)."""
+    with contextlib.ExitStack() as stack:
+        if kind == "the agent's boundary socket":
+            agent.waitForLog(r"boundary log proxy listening on")
+            path = agent.home.parent / "data" / "boundary-audit.sock"
+        else:
+            path = sockdir / "notes.txt"
+        if kind == "regular file":
+            path.write_text("my notes")
+        elif kind == "symlink":
+            (sockdir / "elsewhere.txt").write_text("my notes")
+            path.symlink_to(sockdir / "elsewhere.txt")
+        elif kind == "directory":
+            path.mkdir()
+        elif kind == "live socket":
+            server = stack.enter_context(socket.socket(socket.AF_UNIX))
+            server.bind(str(path))
+            server.listen()
+        before = os.lstat(path)
+        done = runSsh(
+            agent,
+            clientKeys.key,
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            f"{path}:127.0.0.1:9",
+        )
+        assert done.returncode == 255
+        assert f"remote port forwarding failed for listen path {path}" in done.stderr.decode()
+        after = os.lstat(path)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+        if kind in ("regular file", "symlink"):
+            assert path.read_text() == "my notes"
+        if kind in ("live socket", "the agent's boundary socket"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+    why = (
+        "the agent serves its boundary log proxy there"
+        if kind == "the agent's boundary socket"
+        else "is there (only a stale socket is replaced)"
     )
-    assert done.returncode == 255
-    assert f"remote port forwarding failed for listen path {blocker}" in done.stderr.decode()
-    assert blocker.is_dir()
+    agent.waitForLog(
+        rf"\[warn\].*streamlocal-forward on {re.escape(str(path))} from \S+ refused: .*"
+        + re.escape(why)
+    )
+
+
+def test_direct_streamlocal_to_a_path_too_long_fails_at_once(
+    agent: Agent, clientKeys: ClientKeys
+) -> None:
+    """Answered at once (it waited for the 30 s connect timeout, holding a descriptor)."""
+    path = b"/tmp/" + b"p" * 200 + b".sock"
+    transport = paramikoTransport(agent, clientKeys.key)
+    try:
+        started = time.monotonic()
+        payload = ns(path) + ns(b"") + u32(0)
+        assert rawChannelOpen(transport, "direct-streamlocal@openssh.com", payload) == 2
+        assert time.monotonic() - started < 10
+        assert execWorks(transport)
+    finally:
+        transport.close()
+    shown = re.escape(path.decode())
+    agent.waitForLog(rf"direct-streamlocal from \S+ failed: .*{shown}: connect: invalid argument")
 
 
 # -- malformed payloads ---------------------------------------------------------------------
@@ -610,6 +664,8 @@ def test_malformed_channel_opens_are_refused_and_the_connection_lives(
         *(("tcpip-forward", p) for p in TRUNCATED),
         ("tcpip-forward", ns(b"127.0.0.1") + u32(70000)),
         ("tcpip-forward", ns(b"127.0.0.1") + u32(0) + b"junk"),
+        ("tcpip-forward", ns(b"127.0.0.1\0x") + u32(0)),  # dropped the connection
+        ("cancel-tcpip-forward", ns(b"127.0.0.1\0x") + u32(0)),
         *(("cancel-tcpip-forward", p) for p in TRUNCATED),
         *(("streamlocal-forward@openssh.com", p) for p in TRUNCATED[:3]),
         ("streamlocal-forward@openssh.com", ns(b"/tmp/a\0b")),

@@ -20,13 +20,14 @@ class from :mod:`.opening`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from coderagent.ssh.forwarding.registry import Forwards
 from coderagent.ssh.forwarding.streamlocal import StreamLocalForwarding
 from coderagent.ssh.forwarding.tcp import TCPForwarding
 
-__all__ = ["installForwarding"]
+__all__ = ["installForwarding", "recheckReverseForwards"]
 
 
 def installForwarding(avatar: Any) -> Forwards:
@@ -45,3 +46,12 @@ def installForwarding(avatar: Any) -> Forwards:
     avatar.globalRequests[b"streamlocal-forward@openssh.com"] = unix.forward
     avatar.globalRequests[b"cancel-streamlocal-forward@openssh.com"] = unix.cancel
     return forwards
+
+
+def recheckReverseForwards(connections: Iterable[Any]) -> None:
+    """After a policy reload: every connection closes the reverse listeners it no longer may
+    hold (``connections``: the SSH transports; unauthenticated ones hold none)."""
+    for transport in list(connections):
+        forwards = getattr(getattr(transport, "avatar", None), "forwards", None)
+        if isinstance(forwards, Forwards):
+            forwards.recheck()

@@ -76,6 +76,10 @@ class DeferredOpenConnection(connection.SSHConnection):
             errbackArgs=(senderChannel,),
         )
 
+    def openChannels(self) -> int:
+        """Channels open on this connection, counting opens still being answered."""
+        return len(self.channels) + len(self._pendingOpens or ())
+
     def getChannel(self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes) -> Any:
         avatar = getattr(self.transport, "avatar", None)
         if avatar is None:

@@ -19,15 +19,19 @@ from twisted.conch.ssh.connection import (
     SSHConnection,
 )
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from coderagent.netaddr import UNKNOWN, describePeer
+from coderagent.netaddr import UNKNOWN, describePeer, resolve
+from coderagent.policy.engine import FLAG_LOCAL, FLAG_REVERSE, normalisePath
 from coderagent.ssh.events import forwardRefusal
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 
 if TYPE_CHECKING:
-    from coderagent.policy import Decision, Policy
+    from coderagent.policy import Decision, KeyOptions, Policy
+    from coderagent.ssh.limits import ConnectionLimits
+    from coderagent.unixsocket import ServedSockets
 
 log = Logger()
 
@@ -63,8 +67,22 @@ class Forwards:
         return policy
 
     @property
+    def servedSockets(self) -> ServedSockets:
+        """The agent's own socket paths: no forward may take one."""
+        served: ServedSockets = self.context.servedSockets
+        return served
+
+    @property
     def reactor(self) -> Any:
         return self.context.reactor
+
+    def resolve(self, host: str, port: int) -> Deferred[list[str]]:
+        """What ``host`` resolves to, looked up in the reactor's thread pool with the
+        context's resolver (a test brings its own; the agent's is the system's)."""
+        resolver = getattr(self.context, "resolver", None) or resolve
+        pool = self.reactor.getThreadPool()
+        found: Deferred[list[str]] = deferToThreadPool(self.reactor, pool, resolver, host, port)
+        return found
 
     def peer(self) -> str:
         """The SSH client's address, for log lines."""
@@ -87,31 +105,84 @@ class Forwards:
             self.refused("reverse", transport, decision, what, target)
         return decision.allowed
 
+    @property
+    def key(self) -> KeyOptions | None:
+        """What the key this connection logged in with may do (its authorized_keys options)."""
+        options: KeyOptions | None = getattr(self.avatar, "keyOptions", None)
+        return options
+
+    def decided(
+        self, direction: str, transport: str, decision: Decision, what: str, target: str
+    ) -> bool:
+        """Act on the policy's answer to a parsed request: a refusal is logged and counted;
+        in audit mode, what the file would refuse is logged, counted, and allowed."""
+        if decision.wouldRefuse:
+            log.warn(
+                "{kind} would be refused (audit mode): {what} from {peer}: {reason}",
+                kind=_KIND[direction, transport],
+                what=what,
+                peer=self.peer(),
+                reason=decision.reason,
+                rule=decision.rule,
+            )
+            metrics = getattr(self.context, "metrics", None)
+            if metrics is not None:
+                metrics.forwardingWouldBeRefused(direction, transport, decision.rule)
+            return True
+        if not decision.allowed:
+            self.refused(direction, transport, decision, what, target)
+        return decision.allowed
+
     def refused(
         self, direction: str, transport: str, decision: Decision, what: str, target: str
     ) -> None:
-        """Account for one policy refusal: a WARN line, the counter, the connection log."""
+        """Account for one policy refusal: a WARN line naming what decided, the counters, and
+        the connection log (upstream's reason for a block flag; a rule's reason added)."""
+        rule = decision.rule or "the policy"
         log.warn(
             "{kind} blocked: {what} from {peer}: {reason}",
             kind=_KIND[direction, transport],
             what=what,
             peer=self.peer(),
-            reason=decision.reason,
+            # A file rule's reason names it already; a flag's is upstream's text.
+            reason=decision.reason if rule in decision.reason else f"{decision.reason} ({rule})",
+            rule=rule,
             direction=direction,
             transport=transport,
         )
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
-            metrics.forwardingRefused(direction, transport)
+            metrics.forwardingRefused(direction, transport, decision.rule)
         events = getattr(self.context, "events", None)
         if events is not None:
-            events.refused(self._peerAddress(), forwardRefusal(direction, transport, target))
+            flag = decision.rule in (FLAG_LOCAL, FLAG_REVERSE)
+            reason = forwardRefusal(direction, transport, target, None if flag else decision.reason)
+            events.refused(self._peerAddress(), reason)
 
     def _peerAddress(self) -> object:
         try:
             return self.avatar.conn.transport.transport.getPeer()
         except AttributeError:
             return None
+
+    def recheck(self) -> None:
+        """After a policy reload: close the reverse listeners it no longer allows."""
+        for (kind, address, port), listener in list(self.listeners.items()):
+            if kind == "tcp":
+                decision = self.policy.reverseTCP(address, port, self.key)
+            else:
+                decision = self.policy.reverseUnix(normalisePath(address), self.key)
+            if decision.allowed:
+                continue
+            log.warn(
+                "closing the reverse forward {listener} of {peer}: the policy now refuses it "
+                "({reason})",
+                listener=listener.description,
+                peer=self.peer(),
+                reason=decision.reason,
+                rule=decision.rule,
+            )
+            self.remove((kind, address, port))
 
     def requireDeferredOpens(self) -> None:
         """Refuse to connect on a connection that would confirm before the connect.
@@ -128,6 +199,16 @@ class Forwards:
                 conn=type(conn).__qualname__,
             )
             raise ConchError("local forwarding is not available", OPEN_CONNECT_FAILED)
+
+    def admitsReverseForward(self) -> bool:
+        """Whether this connection may bind another reverse listener (its limits decide)."""
+        limits: ConnectionLimits = self.avatar.limits
+        return limits.reverseForward(listeners=len(self.listeners)) is None
+
+    def admitsForwardedConnection(self) -> bool:
+        """Whether a reverse listener may open another ``forwarded-*`` channel."""
+        limits: ConnectionLimits = self.avatar.limits
+        return limits.forwardChannel(channels=self.avatar.conn.openChannels()) is None
 
     def malformed(self, request: str, error: Exception) -> None:
         log.warn(

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from coderagent.compat import canSendNow, sendNow
 from coderagent.ssh.interfaces import IWindowedChannel
 from coderagent.ssh.windows import CHANNEL_MAX_PACKET, CHANNEL_WINDOW
 
@@ -57,8 +58,12 @@ class SocketSide(Protocol):
     #: The socket is fully closed.
     lost = False
 
+    #: The socket can be written to at once (see coderagent.compat.sendNow).
+    sendNow = False
+
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
+        self.sendNow = canSendNow(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         chan = self.channel
@@ -137,7 +142,11 @@ class RelayChannel(channel.SSHChannel):
     # -- client to socket ------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self.socket.transport.write(data)
+        transport = self.socket.transport
+        if self.socket.sendNow:
+            sendNow(transport, [data])
+        else:
+            transport.write(data)
 
     def eofReceived(self) -> None:
         sock = self.socket
@@ -178,15 +187,15 @@ class RelayChannel(channel.SSHChannel):
             top = left
             self.areWriting = 0
             self.stopWriting()
-        send = self.conn.sendData
         rmp = self.remoteMaxPacket
         if top == len(data) and top <= rmp:
             if top:
-                send(self, data)
-        else:
+                self.conn.sendData(self, data)
+        elif top:
             view = memoryview(data)
-            for offset in range(0, top, rmp):
-                send(self, view[offset : min(offset + rmp, top)])
+            self.conn.sendDataChunks(
+                self, [view[offset : min(offset + rmp, top)] for offset in range(0, top, rmp)]
+            )
         self.remoteWindowLeft -= top
         if self.closing and not self.buf:
             self.loseConnection()

@@ -21,10 +21,11 @@ from twisted.conch.error import ConchError
 from twisted.conch.ssh.connection import OPEN_CONNECT_FAILED
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from coderagent.ssh.forwarding.registry import Forwards
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
@@ -101,6 +102,39 @@ def dial(
     return connecting.addCallbacks(connected, failed)
 
 
+@implementer(IStreamClientEndpoint)
+class FirstOf:
+    """Connects through each endpoint in turn until one connects (else the last failure):
+    a name that resolves to several allowed addresses tries them in order."""
+
+    def __init__(self, endpoints: list[IStreamClientEndpoint]) -> None:
+        self.endpoints = endpoints
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        remaining = list(self.endpoints)
+        current: list[Deferred[IProtocol]] = []
+
+        def cancel(_: Deferred[IProtocol]) -> None:
+            remaining.clear()
+            if current:
+                current[0].cancel()
+
+        result: Deferred[IProtocol] = Deferred(cancel)
+
+        def attempt(failure: Failure | None) -> None:
+            if result.called:
+                return
+            if not remaining:
+                result.errback(failure or Failure(error.ConnectError("no address to connect to")))
+                return
+            connecting = remaining.pop(0).connect(factory)
+            current[:] = [connecting]
+            connecting.addCallbacks(result.callback, attempt)
+
+        attempt(None)
+        return result
+
+
 class ForwardedFactory(Factory):
     """Accepts connections on a reverse forward's listener.
 
@@ -108,7 +142,8 @@ class ForwardedFactory(Factory):
     becomes.  ``address`` is what the client asked to listen on (a host or a
     path) and ``boundPort`` the port actually bound (0 for a Unix socket);
     both go into the ``forwarded-*`` open.  Nothing is accepted once the SSH
-    connection is gone.
+    connection is gone, nor beyond the connection's limits (the socket is
+    closed at once).
     """
 
     noisy = False
@@ -122,6 +157,8 @@ class ForwardedFactory(Factory):
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         conn = getattr(self.forwards.avatar, "conn", None)
         if self.forwards.closed or conn is None:
+            return None
+        if not self.forwards.admitsForwardedConnection():
             return None
         return self.accepted(self, conn)
 

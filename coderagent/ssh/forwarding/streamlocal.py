@@ -2,33 +2,43 @@
 ``streamlocal-forward@openssh.com`` (``ssh -L``/``-R`` with socket paths).
 
 Behaviour follows upstream (agentssh ``forward.go`` after coder#11631) and
-OpenSSH's ``PROTOCOL`` §2.4:
+OpenSSH's ``PROTOCOL`` §2.4, except for what a forward may replace:
 
 * ``direct-streamlocal``: payload ``{path, reserved string, reserved uint32}``;
   the socket is connected before the open is answered, and a failure reads
-  ``dial unix socket "<path>": <why>``.
-* ``streamlocal-forward``: payload ``{path}``.  The parent directory is
-  created (0700), a stale socket or regular file at the path is unlinked, and
-  the listener is keyed by this SSH connection and path: asking for the same
-  path twice on one connection succeeds (so ``ExitOnForwardFailure`` keeps
-  working).  Each accepted connection opens
-  ``forwarded-streamlocal@openssh.com`` with ``{path, reserved string}``.
+  ``dial unix socket "<path>": <why>``.  A path too long for a socket address
+  fails at once, as Go's dialer does (``connect: invalid argument``).
+* ``streamlocal-forward``: payload ``{path}``, and the listener is keyed by
+  this SSH connection and path: asking for the same path twice on one
+  connection succeeds (so ``ExitOnForwardFailure`` keeps working).  Each
+  accepted connection opens ``forwarded-streamlocal@openssh.com`` with
+  ``{path, reserved string}``.
+* What is at the path is never destroyed.  Upstream unlinks whatever is
+  there (a regular file, a symbolic link, a socket another process, another
+  connection or the agent itself serves); sshd refuses any existing path
+  (``StreamLocalBindUnlink no``).  Here only a **stale socket** (one on
+  which a connect is refused) is replaced, and a path the agent serves
+  itself (:class:`~coderagent.unixsocket.ServedSockets`: the boundary audit
+  socket, the control socket) is refused even while nothing is bound there.
+  Every such refusal is the request failure and a WARN line naming the path.
+* A path longer than a socket address allows is refused before anything is
+  created; the missing parent directories are created, each 0700.
 * The socket file goes when the forward is cancelled or the SSH connection
-  ends, but only while it is still ours: another connection may have taken
-  the path over since (upstream allows that), and its socket must survive.
+  ends, but only while it is still ours (someone may have removed it and
+  bound another socket there since).
 * Sockets are created mode 0600, like sshd (``StreamLocalBindMask 0177``):
   only the agent's user may connect to a forwarded socket.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import stat
 from typing import Any
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import common, connection
-from twisted.internet import error, unix
+from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
@@ -36,8 +46,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coderagent.compat import closeUnixPortKeepingFile
-from coderagent.files import PRIVATE_SOCKET_MODE  # sshd's default StreamLocalBindMask 0177
+from coderagent.files import (
+    PRIVATE_SOCKET_MODE,  # sshd's default StreamLocalBindMask 0177
+    makePrivateDirs,
+)
 from coderagent.gotext import goQuote
+from coderagent.policy.engine import normalisePath
 from coderagent.ssh.forwarding.registry import UNPARSED, Forwards
 from coderagent.ssh.forwarding.relay import RelayChannel
 from coderagent.ssh.forwarding.sockets import (
@@ -48,8 +62,10 @@ from coderagent.ssh.forwarding.sockets import (
     dial,
 )
 from coderagent.ssh.wire import MalformedPayload, Payload
+from coderagent.unixsocket import SUN_PATH_MAX, PrivateUnixPort, fitsSunPath, removeStale
 
 log = Logger()
+
 
 def displayPath(path: str) -> str:
     """``path`` made safe to log and to put on the wire (undecodable bytes replaced)."""
@@ -65,7 +81,7 @@ class _AcceptedUnix(AcceptedSocket):
         return common.NS(os.fsencode(self.factory.address)) + common.NS(b"")
 
 
-class UnixForwardPort(unix.Port):
+class UnixForwardPort(PrivateUnixPort):
     """A Unix listener that unlinks its socket file only if the file is still its own."""
 
     identity: tuple[int, int] | None = None
@@ -93,20 +109,6 @@ class UnixForwardPort(unix.Port):
     def close(self) -> Deferred[None] | None:
         closing: Deferred[None] | None = self.stopListening()
         return closing
-
-
-def _removeStale(path: str) -> None:
-    """Unlink a leftover socket (or regular file) at ``path``; never a directory."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        return  # binding will fail with "address in use"
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class StreamLocalForwarding:
@@ -143,9 +145,25 @@ class StreamLocalForwarding:
             why = describeConnectError(e, shown)
             return f"dial unix socket {goQuote(path)}: dial unix {shown}: {why}"
 
+        # Decided on, and connected to, the same normalised path (no "..", symlinks
+        # in its directory resolved): "/allowed/../etc/x" is "/etc/x".
+        real = normalisePath(path)
+        decision = f.policy.localUnix(real, f.key)
+        what = f"direct-streamlocal to {displayPath(real)}"
+        if not f.decided("local", "unix", decision, what, path):
+            raise ConchError(decision.reason, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+        if not fitsSunPath(real):
+            # Twisted would only fail inside its connect, after the timeout.
+            message = failureText(error.ConnectError(osError=errno.EINVAL))
+            log.info(
+                "direct-streamlocal from {peer} failed: {message}",
+                peer=f.peer(),
+                message=message,
+            )
+            raise ConchError(message, connection.OPEN_CONNECT_FAILED)
         return dial(
             f,
-            UNIXClientEndpoint(f.reactor, path, timeout=CONNECT_TIMEOUT),
+            UNIXClientEndpoint(f.reactor, real, timeout=CONNECT_TIMEOUT),
             request="direct-streamlocal",
             failureText=failureText,
             remoteWindow=remoteWindow,
@@ -166,12 +184,37 @@ class StreamLocalForwarding:
         key = ("unix", path, 0)
         if key in f.listeners:
             return 1  # as OpenSSH: a repeat on the same connection is not an error
-        port = UnixForwardPort(path, ForwardedFactory(f, _AcceptedUnix, path), f.reactor)
+        real = normalisePath(path)  # decided on and bound: see openDirect
+        decision = f.policy.reverseUnix(real, f.key)
+        what = f"streamlocal-forward on {displayPath(real)}"
+        if not f.decided("reverse", "unix", decision, what, path):
+            return 0
+        if not f.admitsReverseForward():
+            return 0
+        refusal = _refusal(f, real)
+        if refusal is not None:
+            log.warn(
+                "streamlocal-forward on {path} from {peer} refused: {why}",
+                path=displayPath(path),
+                peer=f.peer(),
+                why=refusal,
+            )
+            return 0
+        port = UnixForwardPort(real, ForwardedFactory(f, _AcceptedUnix, path), f.reactor)
         try:
-            parent = os.path.dirname(path)
+            parent = os.path.dirname(real)
             if parent:
-                os.makedirs(parent, 0o700, exist_ok=True)
-            _removeStale(path)
+                makePrivateDirs(parent)
+            found = removeStale(real)
+            if not found.replaceable:
+                log.warn(
+                    "streamlocal-forward on {path} from {peer} refused: {found} is there "
+                    "(only a stale socket is replaced)",
+                    path=displayPath(path),
+                    peer=f.peer(),
+                    found=found.value,
+                )
+                return 0
             port.startListening()
         except (OSError, error.CannotListenError) as e:
             log.info(
@@ -193,6 +236,19 @@ class StreamLocalForwarding:
         if not f.remove(("unix", path, 0)):
             log.info("SSH unix forward not found in cache: {path}", path=displayPath(path))
         return 1
+
+
+def _refusal(f: Forwards, path: str) -> str | None:
+    """Why a forward may not listen at ``path`` whatever is there (``None``: it may try)."""
+    if not fitsSunPath(path):
+        return (
+            f"the path is {len(os.fsencode(path))} bytes, longer than a Unix socket "
+            f"address allows ({SUN_PATH_MAX})"
+        )
+    what = f.servedSockets.servedAs(path)
+    if what is not None:
+        return f"the agent serves its {what} there"
+    return None
 
 
 def _bindRequest(f: Forwards, data: bytes, request: str) -> str | None:

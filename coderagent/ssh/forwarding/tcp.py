@@ -13,6 +13,7 @@ before any connect or bind.
 
 from __future__ import annotations
 
+import socket
 import struct
 from typing import Any
 
@@ -20,10 +21,11 @@ from twisted.conch.error import ConchError
 from twisted.conch.ssh import common, connection
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from coderagent.netaddr import joinHostPort as hostPort
 from coderagent.ssh.forwarding.registry import UNPARSED, Forwards
@@ -31,6 +33,7 @@ from coderagent.ssh.forwarding.relay import RelayChannel
 from coderagent.ssh.forwarding.sockets import (
     CONNECT_TIMEOUT,
     AcceptedSocket,
+    FirstOf,
     ForwardedFactory,
     describeConnectError,
     dial,
@@ -67,18 +70,31 @@ class _Listener:
         return closing
 
 
-def _endpointFor(reactor: Any, host: str, port: int) -> IStreamClientEndpoint:
-    """Connect straight to an address literal; resolve a name first.
+def _addresses(f: Forwards, host: str, port: int) -> Deferred[list[str]]:
+    """The addresses a forward to ``host`` may connect to: itself if it is an address,
+    else what the session context's resolver finds, in order.
 
-    HostnameEndpoint resolves even ``127.0.0.1`` through getaddrinfo in the
-    reactor's thread pool, a round trip per connection that 200 forwards
-    opened at once feel.
+    The policy decides on these, and only these are connected to: no second
+    lookup between the decision and the connect.
     """
-    if isIPAddress(host):
-        return TCP4ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
-    if isIPv6Address(host):
-        return TCP6ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
-    return HostnameEndpoint(reactor, host or "localhost", port, timeout=CONNECT_TIMEOUT)
+    if isIPAddress(host) or isIPv6Address(host):
+        return succeed([host])
+
+    def failed(reason: Failure) -> Failure:
+        if reason.check(socket.gaierror, UnicodeError):
+            return Failure(error.DNSLookupError(host))
+        return reason
+
+    return f.resolve(host, port).addErrback(failed)
+
+
+def _endpointsFor(reactor: Any, addresses: list[str], port: int) -> list[IStreamClientEndpoint]:
+    return [
+        (TCP6ClientEndpoint if isIPv6Address(a) else TCP4ClientEndpoint)(
+            reactor, a, port, timeout=CONNECT_TIMEOUT
+        )
+        for a in addresses
+    ]
 
 
 def _bindInterface(address: str) -> str:
@@ -106,7 +122,7 @@ class TCPForwarding:
         f.checkLocal("tcp", target, f"direct-tcpip to {target}")
         try:
             payload = Payload(data)
-            host = payload.text()
+            host = payload.host()
             port = payload.port()
             payload.string()  # originator address
             payload.uint32()  # originator port
@@ -118,18 +134,33 @@ class TCPForwarding:
             ) from None
         f.requireDeferredOpens()
         target = hostPort(host, port)
-        try:
+
+        def failureText(e: BaseException | None) -> str:
+            return f"dial tcp {target}: {describeConnectError(e, host)}"
+
+        def decide(addresses: list[str]) -> Deferred[RelayChannel]:
+            answer = f.policy.localTCP(host, port, addresses, f.key)
+            if not f.decided("local", "tcp", answer.decision, f"direct-tcpip to {target}", target):
+                prohibited = connection.OPEN_ADMINISTRATIVELY_PROHIBITED
+                raise ConchError(answer.decision.reason, prohibited)
             return dial(
                 f,
-                _endpointFor(f.reactor, host, port),
+                FirstOf(_endpointsFor(f.reactor, list(answer.addresses), port)),
                 request="direct-tcpip",
-                failureText=lambda e: f"dial tcp {target}: {describeConnectError(e, host)}",
+                failureText=failureText,
                 remoteWindow=remoteWindow,
                 remoteMaxPacket=remoteMaxPacket,
                 avatar=avatar,
             )
-        except (ValueError, UnicodeError) as e:  # a host name IDNA cannot encode
-            raise ConchError(f"dial tcp {target}: {e}", connection.OPEN_CONNECT_FAILED) from None
+
+        def unresolved(reason: Failure) -> Failure:
+            if reason.check(ConchError, CancelledError):
+                return reason
+            message = failureText(reason.value)
+            log.info("direct-tcpip from {peer} failed: {message}", peer=f.peer(), message=message)
+            return Failure(ConchError(message, connection.OPEN_CONNECT_FAILED))
+
+        return _addresses(f, host, port).addCallback(decide).addErrback(unresolved)
 
     # -- tcpip-forward / cancel-tcpip-forward ---------------------------------
 
@@ -142,6 +173,12 @@ class TCPForwarding:
         if bound is None:
             return 0
         address, port = bound
+        decision = f.policy.reverseTCP(address, port, f.key)
+        asked = hostPort(address, port)
+        if not f.decided("reverse", "tcp", decision, f"tcpip-forward on {asked}", asked):
+            return 0
+        if not f.admitsReverseForward():
+            return 0
         factory = ForwardedFactory(f, _AcceptedTCP, address)
         try:
             listening = f.reactor.listenTCP(port, factory, interface=_bindInterface(address))
@@ -177,7 +214,7 @@ def _bindRequest(f: Forwards, data: bytes, request: str) -> tuple[str, int] | No
     """The address and port of a ``tcpip-forward`` or its cancel (``None``: malformed)."""
     try:
         payload = Payload(data)
-        address = payload.text()
+        address = payload.host()
         port = payload.port()
         payload.end()
     except MalformedPayload as e:
