@@ -154,6 +154,32 @@ def reactorChildren() -> set[int]:
     return set(process.reapProcessHandlers)
 
 
+# -- bytes written to a socket ------------------------------------------------------
+
+
+def countWrites(transport: Any, counter: Any) -> bool:
+    """Add what ``transport`` writes to its socket to ``counter.txBytes``, per write.
+
+    Twisted's socket transports buffer ``write``s and send them from
+    ``doWrite`` through ``self.writeSomeData``, once per ``send`` however many
+    writes were buffered: wrapping that method on the instance counts the
+    bytes that really left, at one call per system call rather than per
+    ``write``.  Returns False (nothing counted) for a transport without it.
+    """
+    send = getattr(transport, "writeSomeData", None)
+    if send is None:
+        return False
+
+    def writeSomeData(data: bytes) -> Any:
+        written = send(data)
+        if type(written) is int:  # else a ConnectionLost to hand back
+            counter.txBytes += written
+        return written
+
+    transport.writeSomeData = writeSomeData
+    return True
+
+
 class _SessionLeader(process.Process):
     """A ``process.Process`` whose child calls ``setsid()`` (see :func:`spawnInNewSession`)."""
 
@@ -292,7 +318,7 @@ def spawnFileActions(
 # -- writing to sockets ----------------------------------------------------------------
 
 
-def sendNow(transport: Any, pieces: list[bytes]) -> None:
+def sendNow(transport: Any, pieces: list[bytes], counter: Any = None) -> None:
     """``transport.writeSequence(pieces)``, sent at once when nothing else is waiting.
 
     Twisted's ``FileDescriptor`` buffers every write until the reactor's next
@@ -303,7 +329,9 @@ def sendNow(transport: Any, pieces: list[bytes]) -> None:
     ``sendmsg``, uncopied; whatever the kernel does not take (or everything,
     on any error, which Twisted's own write then meets and reports) goes to
     ``writeSequence`` and keeps its order.  Only for a plain TCP or Unix
-    connection (``tcp.Connection``) not using TLS.
+    connection (``tcp.Connection``) not using TLS.  What ``sendmsg`` sent is
+    added to ``counter.txBytes`` if given (Twisted's later sends are counted
+    by :func:`countWrites`).
     """
     if (
         transport.dataBuffer
@@ -319,6 +347,8 @@ def sendNow(transport: Any, pieces: list[bytes]) -> None:
         sent = transport.socket.sendmsg(pieces)
     except OSError:
         sent = 0
+    if sent and counter is not None:
+        counter.txBytes += sent
     if sent:
         for index, piece in enumerate(pieces):
             if sent < len(piece):

@@ -3,11 +3,13 @@
 Error texts that a Go client or an operator greps for (drpcmux's
 ``unknown rpc: "<name>"``, a dial error's ``%q`` path, slog's quoted field
 values) are produced by ``strconv.Quote``; this is its one Python copy.  Templates'
-``$VARS`` are expanded by ``os.Expand``'s rules (:func:`goExpand`).
+``$VARS`` are expanded by ``os.Expand``'s rules (:func:`goExpand`), and
+:func:`signalText` is Go's text for a process a signal killed.
 """
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 
 
@@ -95,6 +97,20 @@ _GO_ESCAPES = {
     "\t": "\\t",
     "\v": "\\v",
 }
+
+
+def signalText(number: int, coreDumped: bool = False) -> str:
+    """Go's ``ExitError`` text for a process killed by signal ``number``: ``signal: killed``.
+
+    Go's signal names are the C library's descriptions in lower case
+    (``hangup``, ``segmentation fault``); an unknown number is shown as such.
+    """
+    try:
+        described = signal.strsignal(number)
+    except ValueError:
+        described = None
+    text = f"signal: {described[:1].lower()}{described[1:]}" if described else f"signal: {number}"
+    return text + " (core dumped)" if coreDumped else text
 
 
 # -- os.Expand -----------------------------------------------------------------------

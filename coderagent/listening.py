@@ -57,6 +57,11 @@ class ListeningService(Service):
         self.what = what
         self.required = required
 
+    @property
+    def listening(self) -> bool:
+        """Whether the port is bound now (started, bound, not yet stopped)."""
+        return self.port is not None
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         self._listen()

@@ -1,12 +1,14 @@
 """``twistd coder-agent``: parse the options and wire the services together.
 
 Wiring only: each concept is built by its own package (``ssh``, ``policy``,
-``coderd``, ``boundary``, ``observe``, ``control``), which also does its own
-I/O when its service starts (host keys, the token file, log files, the
-spool), never here.  Everything goes into one ``MultiService``; the SSH
-server (it serves whether or not coderd is reachable) and the coderd client
-(with the services that talk through it as its children) are started, and
-stopped in upstream's order, by :class:`~coderagent.agentlifecycle.AgentLifecycle`.
+``coderd``, ``scripts``, ``reporting``, ``boundary``, ``observe``,
+``control``), which also does its own I/O when its service starts (host
+keys, the token file, log files, the spool), never here.  Everything goes
+into one ``MultiService``; the SSH server (it serves whether or not coderd
+is reachable) and the coderd client (with the services that talk through it
+as its children) are started, and stopped in upstream's order, by
+:class:`~coderagent.agentlifecycle.AgentLifecycle`: the SSH server first, so
+that what its sessions' ends report still reaches coderd.
 """
 
 from __future__ import annotations
@@ -31,11 +33,18 @@ from coderagent.observe.connections import describeConnections
 from coderagent.observe.logs import LogDestinations, LoggingRoot, RecentLines, StartupReport
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.observe.servers import httpServers
-from coderagent.observe.status import AgentStatus
+from coderagent.observe.status import AgentStatus, serving
 from coderagent.options import Options
 from coderagent.policy import Policy
 from coderagent.policy.reload import PolicyFileService
 from coderagent.reaper import Reaper
+from coderagent.reporting.activity import SSHActivity, connectionsByProto
+from coderagent.reporting.apphealth import AppHealthReporter, httpProbe
+from coderagent.reporting.command import CommandRunner
+from coderagent.reporting.connlog import ConnectionLog
+from coderagent.reporting.metadata import MetadataReporter
+from coderagent.reporting.resources import ResourcesMonitor
+from coderagent.reporting.stats import StatsReporter, StatsSources
 from coderagent.scripts.logsender import LogSender
 from coderagent.scripts.runner import ScriptRunner, scriptBinDir
 from coderagent.scripts.timings import TimingReporter
@@ -54,6 +63,7 @@ from coderagent.unixsocket import ServedSockets
 from coderagent.workspaceenv import UserInfo, WorkspaceEnvironment
 
 __all__ = ["Options", "makeService"]
+
 
 def makeService(
     options: Mapping[str, Any],
@@ -118,7 +128,9 @@ def makeService(
         blockLocalPortForwarding=options["block-local-port-forwarding"],
         blockReversePortForwarding=options["block-reverse-port-forwarding"],
     )
-    factory = _ssh(options, reactor, policy, workspace, metrics, hostKeys, login, served)
+    connectionLog = ConnectionLog(coderd, clock=reactor)
+    activity = SSHActivity(connectionLog)
+    factory = _ssh(options, reactor, policy, workspace, metrics, hostKeys, login, served, activity)
     if options["forwarding-policy-file"]:
         PolicyFileService(
             options["forwarding-policy-file"],
@@ -137,15 +149,14 @@ def makeService(
         drain=factory.shutdown,
         prepare=factory.loadHostKeys,
     )
-    status.add("ssh", lambda: {"connections": len(factory.connections)})
+    status.add("ssh", lambda: {"serving": ssh.listening, "connections": len(factory.connections)})
+    status.check(serving(ssh, "SSH"))
 
     reporter = Reporter(coderd, workspace.expandDirectory, reactor)
     # First of the manifest's listeners: the scripts that AgentLifecycle starts see it.
     reporter.onManifest(lambda manifest, first: workspace.update(manifest))
     reporter.setServiceParent(coderd)
-    _boundary(options, reactor, metrics, workspace, status, coderd, served).setServiceParent(
-        coderd
-    )
+    _boundary(options, reactor, metrics, workspace, status, coderd, served).setServiceParent(coderd)
     scripts = _scripts(options, reactor, metrics, workspace, status, coderd)
     AgentLifecycle(
         reporter=reporter,
@@ -153,15 +164,19 @@ def makeService(
         coderd=coderd,
         clock=reactor,
         scripts=scripts,
-        drains=[scripts.drain],
+        drains=[scripts.drain, connectionLog.drain],
     ).setServiceParent(top)
     Reaper(enabled=not options["no-reap"], clock=reactor).setServiceParent(top)
+    stats = _reporting(
+        coderd, reporter, connectionLog, activity, factory, workspace, metrics, status
+    )
     status.add(
         "coderd",
         lambda: {
             "url": coderd.target.url,
             "connected": coderd.connected,
             "lifecycle": reporter.reportedState,
+            "last_stats_report_seconds_ago": stats.lastReportAge(),
         },
     )
 
@@ -178,9 +193,7 @@ def makeService(
     ):
         server.setServiceParent(top)
     if options["socket-server-enabled"]:
-        controlSocket(options["socket-path"], reactor, status, served=served).setServiceParent(
-            top
-        )
+        controlSocket(options["socket-path"], reactor, status, served=served).setServiceParent(top)
     return top
 
 
@@ -193,6 +206,7 @@ def _ssh(
     hostKeys: Callable[[], Mapping[bytes, Any]],
     loginMessage: Callable[[], bytes],
     served: ServedSockets,
+    events: SSHActivity,
 ) -> AgentSSHFactory:
     """The SSH server: what its sessions see, and the factory (host keys load on start)."""
     context = SessionContext(
@@ -212,6 +226,7 @@ def _ssh(
             maxEnvBytes=options["ssh-max-env-bytes"],
         ),
         descriptors=DescriptorReserve(),
+        events=events,
     )
     factory = AgentSSHFactory(
         config=SSHConfig(
@@ -291,6 +306,62 @@ def _boundary(
         },
     )
     return boundary
+
+
+def _reporting(
+    coderd: CoderdClient,
+    reporter: Reporter,
+    connectionLog: ConnectionLog,
+    activity: SSHActivity,
+    factory: AgentSSHFactory,
+    workspace: WorkspaceEnvironment,
+    metrics: AgentMetrics,
+    status: AgentStatus,
+) -> StatsReporter:
+    """What the agent reports to coderd besides its lifecycle (``coderagent.reporting``)."""
+    reactor = factory.reactor
+    connectionLog.setServiceParent(coderd)
+    stats = StatsReporter(
+        coderd,
+        StatsSources(
+            traffic=factory.traffic.totals,
+            connections=lambda: connectionsByProto(factory.connections),
+            sessions=activity.sessionCounts,
+            registry=metrics.registry,
+        ),
+        clock=reactor,
+    )
+    stats.setServiceParent(coderd)
+    metadata = MetadataReporter(
+        coderd,
+        manifest=lambda: reporter.manifest,
+        runner=CommandRunner(
+            reactor=reactor,
+            shell=workspace.user.shell,
+            home=workspace.home,
+            # What upstream's metadata commands get: a session's environment, no client.
+            environment=lambda: workspace.commandEnvironment(workspace.baseEnvironment()),
+            directory=workspace.workingDirectory,
+        ),
+        clock=reactor,
+    )
+    metadata.setServiceParent(coderd)
+    resources = ResourcesMonitor(coderd, clock=reactor)
+    resources.setServiceParent(coderd)
+    appHealth = AppHealthReporter(coderd, clock=reactor, probe=httpProbe(reactor))
+    appHealth.setServiceParent(coderd)
+    reporter.onManifest(lambda manifest, first: appHealth.manifestReceived(manifest))
+    status.add(
+        "reporting",
+        lambda: {
+            "stats": stats.status(),
+            "connection_log": connectionLog.status(),
+            "metadata": metadata.status(),
+            "resources": resources.status(),
+            "apps": appHealth.status(),
+        },
+    )
+    return stats
 
 
 def _ignored(options: Mapping[str, Any]) -> list[str]:

@@ -110,13 +110,23 @@ class LoggedProcess:
             self._queue.put(line)
         self._queue.put(None)
 
-    def waitForLog(self, pattern: str | re.Pattern[str], timeout: float = TIMEOUT) -> re.Match[str]:
-        """Block until a log line matches ``pattern`` (searching lines seen so far too)."""
+    def waitForLog(
+        self, pattern: str | re.Pattern[str], timeout: float = TIMEOUT, since: int = 0
+    ) -> re.Match[str]:
+        """Block until a log line matches ``pattern`` (searching lines seen so far too,
+        from line ``since`` on)."""
+        return self.waitForLine(pattern, timeout, since)[1]
+
+    def waitForLine(
+        self, pattern: str | re.Pattern[str], timeout: float = TIMEOUT, since: int = 0
+    ) -> tuple[int, re.Match[str]]:
+        """:meth:`waitForLog`, also saying which line matched (its index in ``lines``):
+        ``since=index + 1`` then waits for a line logged after it."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        for line in self.lines:
-            m = regex.search(line)
+        for index in range(since, len(self.lines)):
+            m = regex.search(self.lines[index])
             if m:
-                return m
+                return index, m
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -135,7 +145,13 @@ class LoggedProcess:
             self.lines.append(line)
             m = regex.search(line)
             if m:
-                return m
+                return len(self.lines) - 1, m
+
+    def mark(self) -> int:
+        """How many lines have been read: ``since=mark()`` skips them (lines the process
+        wrote before this call may still be on their way through the pipe)."""
+        self.drain()
+        return len(self.lines)
 
     def waitForCount(
         self, pattern: str | re.Pattern[str], n: int, timeout: float = TIMEOUT

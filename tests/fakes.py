@@ -18,10 +18,15 @@ from typing import Any
 from twisted.conch.ssh.common import NS
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
+from coderagent.coderd.client import CoderdClient
 from coderagent.observe.metrics import AgentMetrics
+from coderagent.pb import agent_pb2
 from coderagent.policy import Policy
+from coderagent.reporting.activity import SSHActivity
+from coderagent.reporting.connlog import ConnectionLog
 from coderagent.ssh.forwarding import installForwarding
 from coderagent.ssh.forwarding.relay import RelayChannel, SocketSide
 from coderagent.ssh.interfaces import IChannelWindows
@@ -185,17 +190,35 @@ class FakeAvatar:
         self.metrics = AgentMetrics()
         self.limits = limits or ConnectionLimits(metrics=self.metrics)
         self.servedSockets = ServedSockets()
+        # The connection log, never started: what it would send waits in ``pending``.
+        clock = MemoryReactorClock()
+        self.connectionLog = ConnectionLog(
+            CoderdClient(url="http://coderd.test", token="t", reactor=clock), clock=clock
+        )
         self.context = SimpleNamespace(
             policy=policy,
             reactor=reactor,
             metrics=self.metrics,
             servedSockets=self.servedSockets,
             resolver=resolver,
+            events=SSHActivity(self.connectionLog),
         )
         self.channelLookup: dict[bytes, Any] = {}
         self.globalRequests: dict[bytes, Any] = {}
         self.conn = FakeSSHConn()
         self.forwards = installForwarding(self)
+
+    def logged(self) -> list[tuple[str, str, int, str]]:
+        """The connection log entries so far: action, IP, status code, reason."""
+        return [
+            (
+                agent_pb2.Connection.Action.Name(r.connection.action),
+                r.connection.ip,
+                r.connection.status_code,
+                r.connection.reason,
+            )
+            for r in self.connectionLog.pending
+        ]
 
     def refusedCount(self, direction: str, transport: str) -> float | None:
         return self.metrics.value(

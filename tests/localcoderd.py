@@ -1,4 +1,4 @@
-"""coderd-dev's server side in the test's own reactor, on an ephemeral port.
+"""coderd-dev's server side for tests: on an ephemeral port, or in memory on a clock.
 
 The reactor is imported where it is used: conftest imports this module, and
 pytest-twisted must install the reactor first.
@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClie
 from twisted.test import iosim
 from zope.interface import implementer
 
+from coderagent.coderd.client import CoderdClient
 from coderagent.devcoderd.api import DevAgentAPI
 from coderagent.devcoderd.server import DevCoderdFactory
 from coderagent.devcoderd.workspace import Workspace
@@ -98,3 +99,39 @@ class Loopback:
             )
         )
         return defer.succeed(client)
+
+
+class InMemoryCoderd:
+    """A :class:`CoderdClient` and coderd-dev's API joined in memory, all on one ``task.Clock``.
+
+    Nothing moves until the test says so: :meth:`settle` delivers every byte
+    in flight (and what the answers cause), :meth:`advance` moves time first.
+    """
+
+    def __init__(self, workspace: Workspace | None = None, **apiOptions: Any) -> None:
+        self.clock = task.Clock()
+        self.api = DevAgentAPI(
+            workspace or Workspace(), clock=self.clock.seconds, out=io.StringIO(), **apiOptions
+        )
+        self.loopback = Loopback(DevCoderdFactory(self.api, TOKEN, self.clock), self.clock)
+        self.client = CoderdClient(
+            url="http://coderd.test", token=TOKEN, reactor=self.clock, transport=self.loopback
+        )
+
+    def settle(self) -> None:
+        """Move bytes both ways until nothing is left to move."""
+        for _ in range(10_000):
+            if not any(pump.pump() for pump in list(self.loopback.pumps)):
+                return
+        raise AssertionError("the connection never settled")
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.settle()
+
+    def disconnect(self) -> None:
+        """Drop the current connection, as a coderd that went away does."""
+        pump = self.loopback.pumps[-1]
+        pump.client.transport.loseConnection()
+        pump.server.transport.loseConnection()
+        self.settle()

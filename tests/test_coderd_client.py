@@ -76,9 +76,7 @@ class Refusing:
 def test_reconnect_attempts_follow_the_schedule_on_a_fake_clock() -> None:
     clock = task.Clock()
     refusing = Refusing(clock)
-    c = CoderdClient(
-        url="http://coderd.invalid", token=TOKEN, reactor=clock, transport=refusing
-    )
+    c = CoderdClient(url="http://coderd.invalid", token=TOKEN, reactor=clock, transport=refusing)
     c.startService()
     for _ in range(12):
         [retry] = clock.getDelayedCalls()

@@ -23,8 +23,9 @@ import pytest_twisted
 from twisted.application.internet import ClientService
 from twisted.conch.ssh import transport
 from twisted.conch.ssh.transport import SSHCiphers, SSHTransportBase
-from twisted.internet import defer, error, tcp, unix
+from twisted.internet import defer, error, protocol, reactor, tcp, unix
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -462,6 +463,47 @@ def test_client_service_logs_its_retries_under_the_namespace() -> None:
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
     levels.setLogLevelForNamespace(compat.CLIENT_SERVICE_LOG_NAMESPACE, LogLevel.warn)
     assert levels(retry) == PredicateResult.no
+
+
+# -- countWrites -------------------------------------------------------------------
+
+
+class _Counter:
+    txBytes = 0
+
+
+class _Sink(protocol.Protocol):
+    def __init__(self) -> None:
+        self.received = 0
+        self.done: defer.Deferred[int] = defer.Deferred()
+        self.want = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received >= self.want and not self.done.called:
+            self.done.callback(self.received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_written_are_counted_as_they_leave_the_socket() -> None:
+    sink = _Sink()
+    sink.want = 3 * 1024 * 1024
+    factory = protocol.Factory.forProtocol(lambda: sink)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    try:
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            protocol.Factory.forProtocol(protocol.Protocol)
+        )
+        counter = _Counter()
+        assert compat.countWrites(client.transport, counter)
+        for _ in range(48):
+            client.transport.write(b"x" * 65536)
+        assert counter.txBytes < sink.want  # buffered, not yet sent
+        await sink.done
+        assert counter.txBytes == sink.want
+        client.transport.loseConnection()
+    finally:
+        await port.stopListening()
 
 
 def test_log_files_are_opened_through_open_file_first_and_after_each_rotation(

@@ -53,6 +53,7 @@ def agentStatus() -> AgentStatus:
 
 def expectedReport() -> dict[str, Any]:
     return {
+        "status": "ok",
         "version": __version__,
         "pid": os.getpid(),
         "uptime_seconds": 12.346,
@@ -256,8 +257,13 @@ class Answer(Protocol):
         (b'{"error": "busy"}\n', '{\n  "error": "busy"\n}\n', ""),
         (b"", "", "Expecting value: line 1 column 1 (char 0)"),
         (b"not json\n", "", "Expecting value: line 1 column 1 (char 0)"),
+        (
+            b'{"status": "unhealthy", "problems": ["not serving SSH"]}\n',
+            '{\n  "problems": [\n    "not serving SSH"\n  ],\n  "status": "unhealthy"\n}\n',
+            "",
+        ),
     ],
-    ids=["error answer", "closed without answering", "not JSON"],
+    ids=["error answer", "closed without answering", "not JSON", "unhealthy"],
 )
 async def test_cli_exits_1_unless_the_answer_is_good(
     sockdir: Path, capsys: pytest.CaptureFixture[str], answer: bytes, out: str, err: str

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from wsproto.events import Request
 
 from coderagent.coderd.api import RPCS
-from coderagent.devcoderd.api import DevAgentAPI
+from coderagent.coderd.drpcwire import DRPCError
+from coderagent.devcoderd.api import DevAgentAPI, resourcesMonitoring
 from coderagent.devcoderd.coderdlog import boundaryFields, formatFields, rfc3339Nano, slogValue
 from coderagent.devcoderd.server import DevCoderdFactory
 from coderagent.devcoderd.workspace import ManifestError, Workspace
@@ -256,6 +257,120 @@ def test_the_manifest_file_carries_scripts_apps_and_metadata() -> None:
 def test_a_bad_script_or_app_is_an_error(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ManifestError, match=re.escape(message)):
         Workspace.fromJSON(json.dumps({**IDS, **extra}), "m.json")
+
+
+def test_the_options_default_as_coderd_does() -> None:
+    from coderagent.devcoderd.tap import Options, makeService
+
+    options = Options(environ={})
+    options.parseOptions(["--token=t"])
+    api = makeService(options).api
+    assert api.reportInterval == 30.0
+    config = api.monitoring.config
+    assert (config.collection_interval_seconds, config.num_datapoints) == (10, 20)
+    assert not api.monitoring.HasField("memory") and not api.monitoring.volumes
+    options = Options(environ={})
+    options.parseOptions(
+        [
+            "--token=t",
+            "--report-interval=1s",
+            "--monitor-memory",
+            "--monitor-volume=/",
+            "--monitor-volume=/tmp",
+        ]
+    )
+    api = makeService(options).api
+    assert api.reportInterval == 1.0
+    assert api.monitoring.memory.enabled
+    assert [(v.path, v.enabled) for v in api.monitoring.volumes] == [("/", True), ("/tmp", True)]
+
+
+@pytest.mark.parametrize("value", ["1", "-1s", "0s", "soon"])
+def test_a_report_interval_that_is_not_a_positive_duration_is_refused(value: str) -> None:
+    from twisted.python.usage import UsageError
+
+    from coderagent.devcoderd.tap import Options
+
+    with pytest.raises(UsageError, match="--report-interval"):
+        Options(environ={}).parseOptions([f"--report-interval={value}"])
+
+
+def test_the_state_shows_every_report() -> None:
+    web = uuid.UUID(int=7)
+    workspace = Workspace(
+        apps=[
+            agent_pb2.WorkspaceApp(
+                id=web.bytes,
+                slug="web",
+                healthcheck=agent_pb2.WorkspaceApp.Healthcheck(
+                    url="http://x/", interval=duration_pb2.Duration(seconds=1), threshold=1
+                ),
+            ),
+            agent_pb2.WorkspaceApp(id=uuid.UUID(int=8).bytes, slug="plain"),
+        ],
+        metadata=[agent_pb2.WorkspaceAgentMetadata.Description(key="cpu", script="true")],
+    )
+    api = DevAgentAPI(workspace, out=io.StringIO(), monitoring=resourcesMonitoring(memory=True))
+
+    def call(name: str, request: Any) -> Any:
+        return RPCS[name].response.FromString(
+            api.handlers[RPCS[name].path](request.SerializeToString())
+        )
+
+    assert call("UpdateStats", agent_pb2.UpdateStatsRequest()).report_interval.seconds == 30
+    stats = agent_pb2.Stats(connection_count=1, rx_bytes=10, tx_bytes=20)
+    call("UpdateStats", agent_pb2.UpdateStatsRequest(stats=stats))
+    call("UpdateStats", agent_pb2.UpdateStatsRequest(stats=stats))
+    result = agent_pb2.WorkspaceAgentMetadata.Result(value="3%")
+    call(
+        "BatchUpdateMetadata",
+        agent_pb2.BatchUpdateMetadataRequest(
+            metadata=[agent_pb2.Metadata(key="cpu", result=result)]
+        ),
+    )
+    point = agent_pb2.PushResourcesMonitoringUsageRequest.Datapoint()
+    point.memory.used, point.memory.total = 1, 2
+    call(
+        "PushResourcesMonitoringUsage",
+        agent_pb2.PushResourcesMonitoringUsageRequest(datapoints=[point]),
+    )
+    health = agent_pb2.BatchUpdateAppHealthRequest()
+    health.updates.add(id=web.bytes, health=agent_pb2.HEALTHY)
+    call("BatchUpdateAppHealths", health)
+    state = api.state()
+    assert len(state["stats"]) == 2
+    totals = {"rx_bytes": 20, "tx_bytes": 40, "rx_packets": 0, "tx_packets": 0}
+    assert state["stats_totals"] == totals
+    assert state["metadata"] == {"cpu": {"value": "3%"}}
+    assert state["resources"]["configuration"]["memory"] == {"enabled": True}
+    pushed = [{"datapoints": [{"memory": {"used": "1", "total": "2"}}]}]
+    assert state["resources"]["pushes"] == pushed
+    assert state["app_health"] == {
+        str(web): {"slug": "web", "health": "HEALTHY"},
+        str(uuid.UUID(int=8)): {"slug": "plain", "health": "DISABLED"},
+    }
+    [served] = call("GetManifest", agent_pb2.GetManifestRequest()).apps[:1]
+    assert served.health == agent_pb2.WorkspaceApp.HEALTHY
+
+
+def test_reports_coderd_would_refuse_are_refused() -> None:
+    api = DevAgentAPI(
+        Workspace(apps=[agent_pb2.WorkspaceApp(id=bytes(range(16)), slug="plain")]),
+        out=io.StringIO(),
+    )
+    unspecified = agent_pb2.Connection(id=bytes(range(1, 17)), action=1)
+    for connection, error in [
+        (unspecified, "unmapped agent proto connection type: TYPE_UNSPECIFIED"),
+        (agent_pb2.Connection(id=bytes(16), action=1, type=1), "connection ID cannot be nil"),
+    ]:
+        request = agent_pb2.ReportConnectionRequest(connection=connection)
+        with pytest.raises(DRPCError, match=error):
+            api.handlers[RPCS["ReportConnection"].path](request.SerializeToString())
+    health = agent_pb2.BatchUpdateAppHealthRequest()
+    health.updates.add(id=bytes(range(16)), health=agent_pb2.HEALTHY)
+    with pytest.raises(DRPCError, match="workspace app plain health reporting is disabled"):
+        api.handlers[RPCS["BatchUpdateAppHealths"].path](health.SerializeToString())
+    assert not api.connections and not api.appHealth
 
 
 def _scriptRecords(logLimit: int = 20) -> tuple[DevAgentAPI, io.StringIO]:

@@ -353,6 +353,12 @@ def test_blocked_local_forward_is_administratively_prohibited(
     assert "blocked" in text and warning.get("log_failure") is None
     assert avatar.refusedCount("local", transport) == 1
     assert avatar.refusedCount("reverse", transport) == 0
+    request = "direct-tcpip" if transport == "tcp" else "direct-streamlocal@openssh.com"
+    reason = f"local port forwarding blocked: {request} {shown}"
+    assert avatar.logged() == [
+        ("CONNECT", "192.0.2.7", 0, ""),
+        ("DISCONNECT", "192.0.2.7", 1, reason),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -373,6 +379,25 @@ def test_blocked_reverse_forward_fails_before_binding(
     [warning] = warnings(logged)
     assert shown in warning["log_format"].format(**warning)
     assert avatar.refusedCount("reverse", transport) == 1
+    reason = f"reverse port forwarding blocked: {kind.decode()} {shown}"
+    assert avatar.logged()[1:] == [("DISCONNECT", "192.0.2.7", 1, reason)]
+
+
+def test_a_rule_refusal_reaches_the_connection_log_naming_the_rule() -> None:
+    """Beyond the block flags' upstream wording, a policy rule's refusal says which rule."""
+    reactor = MemoryReactor()
+    rules = loadPolicy(
+        b'[reverse_tcp]\ndefault = "allow"\n'
+        b'[[reverse_tcp.rules]]\nname = "no-wildcard"\naction = "deny"\nbind = "any"\n'
+    )
+    avatar = FakeAvatar(Policy(rules=rules), reactor)
+    assert avatar.globalRequests[b"tcpip-forward"](NS(b"0.0.0.0") + u32(8080)) == 0
+    assert reactor.tcpServers == []
+    reason = (
+        "reverse port forwarding blocked: tcpip-forward 0.0.0.0:8080 "
+        "(listening on 0.0.0.0:8080 refused by policy rule 'no-wildcard')"
+    )
+    assert avatar.logged()[1:] == [("DISCONNECT", "192.0.2.7", 1, reason)]
 
 
 MALFORMED = [

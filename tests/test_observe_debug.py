@@ -19,10 +19,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogPublisher
 from twisted.web.client import ResponseNeverReceived
 
 from coderagent import __version__
+from coderagent.listening import ListeningService
 from coderagent.observe.debug import (
     REDACTED,
     debugSite,
@@ -33,6 +35,7 @@ from coderagent.observe.logs import RecentLines
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.observe.servers import httpServers
 from coderagent.observe.status import AgentStatus
+from coderagent.observe.status import serving as servingCheck
 from coderagent.pb import agent_pb2
 from tests.webclient import TIMEOUT, Response, get, request, serving
 
@@ -90,6 +93,29 @@ async def test_health_is_the_status_report_read_at_each_request() -> None:
     assertJSON(first, 200, {**head, "ssh": {"connections": 0}})
     assertJSON(second, 200, {**head, "ssh": {"connections": 1}})
     assert posted.code == 405
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_is_503_while_ssh_is_not_served() -> None:
+    agent = Agent()
+    ssh = ListeningService(
+        reactor=reactor,
+        description="tcp:0:interface=127.0.0.1",
+        factory=Factory.forProtocol(Protocol),
+        what="SSH server",
+        required=True,
+    )
+    agent.status.check(servingCheck(ssh, "SSH"))
+    async with serving(agent.site()) as base:
+        ssh.startService()
+        up = await get(base + "/health")
+        await ssh.stopService()
+        down = await get(base + "/health")
+    assert up.code == 200 and json.loads(up.text)["status"] == "ok"
+    assert down.code == 503
+    assert down.headers["content-type"] == "application/json"
+    report = json.loads(down.text)
+    assert (report["status"], report["problems"]) == ("unhealthy", ["not serving SSH"])
 
 
 @pytest_twisted.ensureDeferred

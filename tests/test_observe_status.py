@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from coderagent import __version__
-from coderagent.observe.status import AgentStatus
+from coderagent.observe.status import AgentStatus, serving
 
 
 class Clock:
@@ -20,7 +20,12 @@ def test_the_report_heads_with_version_pid_and_uptime_from_the_clock() -> None:
     clock = Clock(500.0)
     status = AgentStatus(clock=clock)
     clock.now = 501.23449
-    assert status.report() == {"version": __version__, "pid": os.getpid(), "uptime_seconds": 1.234}
+    assert status.report() == {
+        "status": "ok",
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime_seconds": 1.234,
+    }
 
 
 def test_sections_are_read_at_every_report_in_the_order_added() -> None:
@@ -28,7 +33,8 @@ def test_sections_are_read_at_every_report_in_the_order_added() -> None:
     connections = [0]
     status.add("ssh", lambda: {"connections": connections[0]})
     status.add("boundary", lambda: {"serving": True})
-    assert list(status.report()) == ["version", "pid", "uptime_seconds", "ssh", "boundary"]
+    head = ["status", "version", "pid", "uptime_seconds"]
+    assert list(status.report()) == [*head, "ssh", "boundary"]
     connections[0] = 3
     assert status.report()["ssh"] == {"connections": 3}
 
@@ -52,3 +58,30 @@ def test_adding_a_name_again_replaces_the_section() -> None:
     status.add("ssh", lambda: "old")
     status.add("ssh", lambda: "new")
     assert status.report()["ssh"] == "new"
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.listening = True
+
+
+def test_a_failing_check_makes_the_agent_unhealthy_and_says_why() -> None:
+    status = AgentStatus(clock=Clock(0.0))
+    ssh = Listener()
+    status.check(serving(ssh, "SSH"))
+    status.add("ssh", lambda: {"serving": ssh.listening})
+    assert status.report()["status"] == "ok" and "problems" not in status.report()
+    ssh.listening = False
+    report = status.report()
+    assert (report["status"], report["problems"]) == ("unhealthy", ["not serving SSH"])
+    assert report["ssh"] == {"serving": False}
+
+
+def test_a_broken_check_is_a_problem() -> None:
+    status = AgentStatus(clock=Clock(0.0))
+
+    def broken() -> str | None:
+        raise OSError("gone")
+
+    status.check(broken)
+    assert status.report()["problems"] == ["OSError: gone"]

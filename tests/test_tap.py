@@ -94,9 +94,7 @@ def test_an_unreadable_token_file_stops_the_agent_when_it_starts(tmp_path: Path)
 @pytest_twisted.ensureDeferred
 async def test_host_keys_are_made_when_the_ssh_server_starts(tmp_path: Path) -> None:
     top = makeService(options(tmp_path), reactor=reactor, environ={"HOME": str(tmp_path)})
-    [ssh] = [
-        s for s in services(top) if isinstance(s, ListeningService) and s.what == "SSH server"
-    ]
+    [ssh] = [s for s in services(top) if isinstance(s, ListeningService) and s.what == "SSH server"]
     old = os.umask(0)
     try:
         ssh.startService()

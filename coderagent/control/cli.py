@@ -9,7 +9,8 @@
 The socket is ``--socket-path`` of the agent (``$CODER_AGENT_SOCKET_PATH``),
 by default ``$TMPDIR/coder-agent.sock``; the agent serves it when started
 with ``--socket-server-enabled``.  Exit status 0 on an answer, 1 if no agent
-answers (or what answers is not JSON, or is an ``{"error": …}``).
+answers (or what answers is not JSON, or is an ``{"error": …}``, or says the
+agent is ``unhealthy``: not serving SSH).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     json.dump(answer, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
-    return 0 if "error" not in answer else 1
+    return 0 if "error" not in answer and answer.get("status", "ok") == "ok" else 1
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -26,6 +27,7 @@ from coderagent.coderd.drpcwire import DRPCError
 from coderagent.devcoderd.coderdlog import boundaryLines, formatFields, rfc3339Nano, rpcLog
 from coderagent.devcoderd.scriptlogs import LOG_LIMIT, ScriptRecords
 from coderagent.devcoderd.workspace import Workspace
+from coderagent.gotext import goQuote
 from coderagent.observe.logs import humanLine
 from coderagent.pb import agent_pb2
 
@@ -39,8 +41,26 @@ KEEP_IN_STATE = 1000
 #: How many ReportBoundaryLogs requests coderd-dev remembers (bounded memory).
 KEEP_BOUNDARY_REQUESTS = 20_000
 
-#: UpdateStats' answer: when to report next (coderd's default interval).
-STATS_INTERVAL_SECONDS = 30
+#: UpdateStats' answer: when to report next (coderd's default ``--agent-stats-refresh-interval``).
+STATS_INTERVAL_SECONDS = 30.0
+
+#: How many resources usage pushes coderd-dev remembers.
+KEEP_RESOURCE_PUSHES = 20
+
+#: How much of a metadata value its ``agent metadata`` line shows.
+METADATA_SHOWN = 80
+
+#: The stats fields coderd-dev's ``agent stats`` line shows, in order.
+STATS_LINE_FIELDS = (
+    "connection_count",
+    "session_count_ssh",
+    "session_count_vscode",
+    "session_count_jetbrains",
+    "rx_bytes",
+    "tx_bytes",
+    "rx_packets",
+    "tx_packets",
+)
 
 
 Handler = Callable[[bytes], Any]
@@ -55,11 +75,19 @@ class DevAgentAPI:
         clock: Callable[[], float] = time.time,
         out: IO[str] | None = None,
         logLimit: int = LOG_LIMIT,
+        *,
+        reportInterval: float = STATS_INTERVAL_SECONDS,
+        monitoring: agent_pb2.GetResourcesMonitoringConfigurationResponse | None = None,
     ) -> None:
-        """``out`` receives the ``boundary_request`` and script lines (default: the
-        process's stderr, not whatever twistd later puts in ``sys.stderr``);
-        ``logLimit`` is coderd's bound on the agent's script logs."""
+        """``out`` receives the ``boundary_request``, script and report lines (default:
+        the process's stderr, not whatever twistd later puts in ``sys.stderr``);
+        ``logLimit`` is coderd's bound on the agent's script logs; ``reportInterval``
+        is the stats interval UpdateStats answers (``--report-interval``);
+        ``monitoring`` the resources monitoring configuration (``--monitor-*``;
+        default: nothing watched)."""
         self.workspace = workspace
+        self.reportInterval = reportInterval
+        self.monitoring = monitoring or resourcesMonitoring()
         self.clock = clock
         self.out: IO[str] = out or sys.__stderr__ or sys.stderr
         self.lifecycle: list[int] = []
@@ -67,9 +95,20 @@ class DevAgentAPI:
         self.lifecycleChangedAt: list[float] = []
         #: Every startup reported (the agent reports it on each connection).
         self.startups: list[agent_pb2.Startup] = []
-        self.connections: list[agent_pb2.Connection] = []
-        self.stats: list[agent_pb2.Stats] = []
+        self.connections: deque[agent_pb2.Connection] = deque(maxlen=KEEP_IN_STATE)
+        #: The latest stats reports (blank ones, which only ask the interval, are not kept).
+        self.stats: deque[agent_pb2.Stats] = deque(maxlen=KEEP_IN_STATE)
+        #: Sums over every stats report, of the fields that are per period.
+        self.statsTotals = dict.fromkeys(("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"), 0)
         self.scripts = ScriptRecords(workspace, lambda: self.out, clock, logLimit)
+        #: The latest value of each metadata key, as the agent sent it.
+        self.metadata: dict[str, agent_pb2.WorkspaceAgentMetadata.Result] = {}
+        #: Each app's health as the agent last reported it, by app id (16 bytes).
+        self.appHealth: dict[bytes, int] = {}
+        #: The latest resources usage pushes, each the agent's window of datapoints.
+        self.resourcePushes: deque[agent_pb2.PushResourcesMonitoringUsageRequest] = deque(
+            maxlen=KEEP_RESOURCE_PUSHES
+        )
         self.boundaryLogs = 0
         self._boundarySessions: set[str] = set()
         #: The latest ReportBoundaryLogs requests accepted, in order (for tests and inspection).
@@ -89,6 +128,10 @@ class DevAgentAPI:
             ("ScriptCompleted", self.scripts.scriptCompleted),
             ("UpdateStats", self.updateStats),
             ("ReportBoundaryLogs", self.reportBoundaryLogs),
+            ("BatchUpdateMetadata", self.batchUpdateMetadata),
+            ("GetResourcesMonitoringConfiguration", self.getResourcesMonitoringConfiguration),
+            ("PushResourcesMonitoringUsage", self.pushResourcesMonitoringUsage),
+            ("BatchUpdateAppHealths", self.batchUpdateAppHealths),
         ):
             self.handlers[RPCS[name].path] = _typed(RPCS[name].request, method, self._handled)
 
@@ -129,8 +172,21 @@ class DevAgentAPI:
             ],
             "startup": _json(self.startup) if self.startup is not None else None,
             "startups": len(self.startups),
-            "connections": [_json(c) for c in self.connections[-KEEP_IN_STATE:]],
-            "stats": [_json(s) for s in self.stats[-KEEP_IN_STATE:]],
+            "connections": [_json(c) for c in self.connections],
+            "stats": [_json(s) for s in self.stats],
+            "stats_totals": dict(self.statsTotals),
+            "metadata": {key: _json(result) for key, result in sorted(self.metadata.items())},
+            "app_health": {
+                str(uuid.UUID(bytes=app.id)): {
+                    "slug": app.slug,
+                    "health": agent_pb2.WorkspaceApp.Health.Name(self._health(app)),
+                }
+                for app in self.workspace.apps
+            },
+            "resources": {
+                "configuration": _json(self.monitoring),
+                "pushes": [_json(push) for push in self.resourcePushes],
+            },
             **self.scripts.state(KEEP_IN_STATE),
             "boundary": {"logs": self.boundaryLogs, "sessions": len(self._boundarySessions)},
         }
@@ -146,7 +202,9 @@ class DevAgentAPI:
         return self.scripts.logs
 
     def getManifest(self, request: agent_pb2.GetManifestRequest) -> Message:
-        return self.workspace.manifest()
+        manifest = self.workspace.manifest()
+        self._appHealthInto(manifest)
+        return manifest
 
     def updateLifecycle(self, request: agent_pb2.UpdateLifecycleRequest) -> Message:
         state = request.lifecycle.state
@@ -166,14 +224,29 @@ class DevAgentAPI:
         )
         return request.startup
 
+    # -- ReportConnection ------------------------------------------------------------
+
     def reportConnection(self, request: agent_pb2.ReportConnectionRequest) -> Message:
-        self.connections.append(request.connection)
         c = request.connection
+        if len(c.id) != 16:
+            raise DRPCError(0, f"connection id from bytes: invalid UUID (got {len(c.id)} bytes)")
+        if c.id == bytes(16):
+            raise DRPCError(0, "connection ID cannot be nil")
+        if c.action == agent_pb2.Connection.ACTION_UNSPECIFIED:
+            raise DRPCError(0, "unmapped agent proto connection action: ACTION_UNSPECIFIED")
+        if c.type == agent_pb2.Connection.TYPE_UNSPECIFIED:
+            raise DRPCError(0, "unmapped agent proto connection type: TYPE_UNSPECIFIED")
+        self.connections.append(c)
+        ended = ""
+        if c.action == agent_pb2.Connection.DISCONNECT:
+            ended = f" status={c.status_code} reason={goQuote(c.reason)}"
         log.info(
-            "agent connection {action}: {type} from {ip}",
+            "agent connection {action}: {type} from {ip} id={id}{ended}",
             action=agent_pb2.Connection.Action.Name(c.action),
             type=agent_pb2.Connection.Type.Name(c.type),
             ip=c.ip or "?",
+            id=uuid.UUID(bytes=c.id),
+            ended=ended,
         )
         return empty_pb2.Empty()
 
@@ -188,11 +261,101 @@ class DevAgentAPI:
             ]
         )
 
+    # -- UpdateStats -----------------------------------------------------------------
+
     def updateStats(self, request: agent_pb2.UpdateStatsRequest) -> Message:
-        self.stats.append(request.stats)
-        return agent_pb2.UpdateStatsResponse(
-            report_interval=duration_pb2.Duration(seconds=STATS_INTERVAL_SECONDS)
+        interval = duration_pb2.Duration()
+        interval.FromNanoseconds(round(self.reportInterval * 1e9))
+        response = agent_pb2.UpdateStatsResponse(report_interval=interval)
+        if not request.HasField("stats"):
+            return response  # as coderd: a blank report only asks for the interval
+        stats = request.stats
+        self.stats.append(stats)
+        for name in self.statsTotals:
+            self.statsTotals[name] += getattr(stats, name)
+        shown = " ".join(f"{name}={getattr(stats, name)}" for name in STATS_LINE_FIELDS)
+        log.info(
+            "agent stats: {fields} metrics={metrics}", fields=shown, metrics=len(stats.metrics)
         )
+        return response
+
+    # -- BatchUpdateMetadata ---------------------------------------------------------
+
+    def batchUpdateMetadata(self, request: agent_pb2.BatchUpdateMetadataRequest) -> Message:
+        keys = {d.key for d in self.workspace.metadata}
+        for item in request.metadata:
+            if item.key not in keys:
+                log.warn("agent metadata for a key not in the manifest: {key}", key=item.key)
+                continue
+            self.metadata[item.key] = item.result
+            value = item.result.value
+            log.info(
+                "agent metadata {key}: {size} bytes {value} error={error}",
+                key=item.key,
+                size=len(value.encode()),
+                value=goQuote(value[:METADATA_SHOWN]),
+                error=goQuote(item.result.error),
+            )
+        return agent_pb2.BatchUpdateMetadataResponse()
+
+    # -- BatchUpdateAppHealths -------------------------------------------------------
+
+    def batchUpdateAppHealths(self, request: agent_pb2.BatchUpdateAppHealthRequest) -> Message:
+        apps = {app.id: app for app in self.workspace.apps}
+        for update in request.updates:
+            app = apps.get(update.id)
+            if app is None:
+                raise DRPCError(0, "workspace agent app not found")
+            if self._health(app) == agent_pb2.WorkspaceApp.DISABLED:
+                raise DRPCError(0, f"workspace app {app.slug} health reporting is disabled")
+        for update in request.updates:
+            health = update.health
+            self.appHealth[update.id] = health
+            log.info(
+                "agent app health: {slug} {health}",
+                slug=apps[update.id].slug,
+                health=agent_pb2.AppHealth.Name(health),
+            )
+        return agent_pb2.BatchUpdateAppHealthResponse()
+
+    def _health(self, app: agent_pb2.WorkspaceApp) -> int:
+        """An app's health as coderd holds it: reported, else from its manifest entry
+        (coderd starts an app with a health check INITIALIZING, any other DISABLED)."""
+        if app.id in self.appHealth:
+            return self.appHealth[app.id]
+        if app.health != agent_pb2.WorkspaceApp.HEALTH_UNSPECIFIED:
+            return app.health
+        if app.healthcheck.url:
+            return agent_pb2.WorkspaceApp.INITIALIZING
+        return agent_pb2.WorkspaceApp.DISABLED
+
+    def _appHealthInto(self, manifest: agent_pb2.Manifest) -> None:
+        for app in manifest.apps:
+            app.health = self._health(app)
+
+    # -- resources monitoring ----------------------------------------------------------
+
+    def getResourcesMonitoringConfiguration(
+        self, request: agent_pb2.GetResourcesMonitoringConfigurationRequest
+    ) -> Message:
+        return self.monitoring
+
+    def pushResourcesMonitoringUsage(
+        self, request: agent_pb2.PushResourcesMonitoringUsageRequest
+    ) -> Message:
+        self.resourcePushes.append(request)
+        if request.datapoints:
+            latest = request.datapoints[-1]
+            parts = []
+            if latest.HasField("memory"):
+                parts.append(f"memory_used={latest.memory.used} memory_total={latest.memory.total}")
+            parts.extend(f"volume={v.volume} used={v.used} total={v.total}" for v in latest.volumes)
+            log.info(
+                "agent resources: datapoints={count} {latest}",
+                count=len(request.datapoints),
+                latest=" ".join(parts),
+            )
+        return agent_pb2.PushResourcesMonitoringUsageResponse()
 
     def reportBoundaryLogs(self, request: agent_pb2.ReportBoundaryLogsRequest) -> Message:
         count = len(request.logs)
@@ -226,6 +389,21 @@ class DevAgentAPI:
         return agent_pb2.ReportBoundaryLogsResponse()
 
 
+def resourcesMonitoring(
+    *, memory: bool = False, volumes: Sequence[str] = (), interval: int = 10, datapoints: int = 20
+) -> agent_pb2.GetResourcesMonitoringConfigurationResponse:
+    """A resources monitoring configuration, as coderd builds it from the template's
+    ``resources_monitoring`` (coderd's interval is 10 s, its window 20 datapoints)."""
+    Response = agent_pb2.GetResourcesMonitoringConfigurationResponse
+    config = Response(
+        config=Response.Config(num_datapoints=datapoints, collection_interval_seconds=interval),
+        volumes=[Response.Volume(enabled=True, path=path) for path in volumes],
+    )
+    if memory:
+        config.memory.enabled = True
+    return config
+
+
 def _json(message: Message) -> dict[str, Any]:
     data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
     return data
@@ -249,4 +427,3 @@ def _typed(
 
 
 # -- the HTTP side: the upgrade, and yamux on it ----------------------------------------
-

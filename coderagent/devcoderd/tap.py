@@ -17,13 +17,14 @@ from typing import Any
 
 from twisted.python import usage
 
-from coderagent.devcoderd.api import DevAgentAPI
+from coderagent.devcoderd.api import DevAgentAPI, resourcesMonitoring
 from coderagent.devcoderd.scriptlogs import LOG_LIMIT
 from coderagent.devcoderd.server import DevCoderdFactory
 from coderagent.devcoderd.statefile import StateFile
 from coderagent.devcoderd.workspace import ManifestError, Workspace
 from coderagent.listening import ListeningService
 from coderagent.observe.logs import LoggingRoot, agentLogObserver
+from coderagent.options.values import parseDuration
 
 __all__ = ["Options", "makeService"]
 
@@ -32,6 +33,10 @@ DEFAULT_LISTEN = "tcp:3000:interface=127.0.0.1"
 
 class Options(usage.Options):
     """Options of ``twistd coderd-dev``."""
+
+    optFlags = [
+        ["monitor-memory", None, "Resources monitoring: watch the workspace's memory."],
+    ]
 
     longdesc = (
         "A development coderd: serves the Coder agent API (WebSocket, yamux, DRPC) in memory "
@@ -60,15 +65,47 @@ class Options(usage.Options):
             "",
             "Keep what the agent reported (lifecycle, logs, stats, ...) in this JSON file.",
         ],
+        [
+            "report-interval",
+            None,
+            "30s",
+            "The stats report interval UpdateStats answers, a Go duration (coderd's "
+            "--agent-stats-refresh-interval).",
+        ],
+        [
+            "monitor-interval",
+            None,
+            10,
+            "Resources monitoring: seconds between datapoints (coderd's default 10).",
+            int,
+        ],
+        [
+            "monitor-datapoints",
+            None,
+            20,
+            "Resources monitoring: datapoints sent at once (coderd's default 20).",
+            int,
+        ],
     ]
+
+    def opt_monitor_volume(self, path: str) -> None:
+        """Resources monitoring: watch the volume holding PATH (may be repeated)."""
+        self.volumes.append(path)
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.environ = os.environ if environ is None else environ
+        self.volumes: list[str] = []
 
     def postOptions(self) -> None:
         if not self["token"]:
             self["token"] = self.environ.get("CODERD_DEV_TOKEN", "")
+        try:
+            self["report-interval"] = parseDuration(self["report-interval"])
+        except ValueError as e:
+            raise usage.UsageError(f"--report-interval: {e}") from e
+        if self["report-interval"] <= 0:
+            raise usage.UsageError("--report-interval: must be positive")
         self.generatedToken = not self["token"]
         if self.generatedToken:
             self["token"] = secrets.token_urlsafe(24)
@@ -100,7 +137,15 @@ def makeService(options: Options, reactor: Any = None) -> DevCoderdService:
 
         reactor = _reactor
     api = DevAgentAPI(
-        getattr(options, "workspace", None) or Workspace(), logLimit=int(options["log-limit"])
+        getattr(options, "workspace", None) or Workspace(),
+        logLimit=int(options["log-limit"]),
+        reportInterval=options["report-interval"],
+        monitoring=resourcesMonitoring(
+            memory=bool(options["monitor-memory"]),
+            volumes=getattr(options, "volumes", []),
+            interval=options["monitor-interval"],
+            datapoints=options["monitor-datapoints"],
+        ),
     )
     if getattr(options, "generatedToken", False):
         # Printed, not logged: it is what the operator copies into the agent.

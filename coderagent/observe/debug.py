@@ -2,7 +2,9 @@
 
 The debug server answers, as JSON unless noted:
 
-* ``/health``: the status sections (coderd connection, SSH, boundary proxy);
+* ``/health``: the status sections (coderd connection and reports, SSH,
+  boundary proxy); 503 instead of 200 while the agent is unhealthy (not
+  serving SSH);
 * ``/manifest``: the manifest coderd sent, with secret values redacted;
 * ``/ssh``: every live SSH connection: peer, user, channels, forwards;
 * ``/logs``: the most recent log lines (text).
@@ -35,7 +37,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from coderagent.observe.logs import RecentLines
-from coderagent.observe.status import AgentStatus
+from coderagent.observe.status import OK, AgentStatus
 
 REDACTED = "<redacted>"
 #: Manifest environment variables whose value is not shown.
@@ -80,7 +82,8 @@ class _Health(_Leaf):
         self.status = status
 
     def render_GET(self, request: Any) -> bytes:
-        return _json(request, {"status": "ok", **self.status.report()})
+        report = self.status.report()
+        return _json(request, report, 200 if report["status"] == OK else 503)
 
 
 class _Manifest(_Leaf):

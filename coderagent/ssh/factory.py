@@ -3,7 +3,8 @@
 One :class:`AgentSSHFactory` serves every client: it builds an
 :class:`~coderagent.ssh.transport.AgentServerTransport` per connection with
 the agent's host keys and portal, keeps the set of live connections (read by
-the debug server through :mod:`coderagent.observe.connections`), and says
+the debug server through :mod:`coderagent.observe.connections`) and what they
+carried (:mod:`coderagent.ssh.traffic`, for coderd's stats), and says
 goodbye to them all on a graceful shutdown.
 """
 
@@ -22,6 +23,7 @@ from coderagent.deferreds import Waiters, cancelCall
 from coderagent.observe.metrics import AgentMetrics
 from coderagent.ssh.auth import AgentUserAuthServer
 from coderagent.ssh.connection import AgentConnection
+from coderagent.ssh.traffic import TrafficLedger
 from coderagent.ssh.transport import AgentServerTransport
 
 #: How long a graceful shutdown waits for SSH clients to go after telling them.
@@ -62,6 +64,8 @@ class AgentSSHFactory(factory.SSHFactory):
         self.metrics = metrics
         #: Live connections (for the debug server and a graceful shutdown).
         self.connections: set[AgentServerTransport] = set()
+        #: Bytes and packets of every connection, live and ended.
+        self.traffic = TrafficLedger()
         self._drained: Waiters[None] = Waiters()
         self.portal = portal
         self._hostKeys = hostKeys
@@ -79,15 +83,20 @@ class AgentSSHFactory(factory.SSHFactory):
     def connectionStarted(self, t: AgentServerTransport) -> None:
         """``t`` has connected: it is live until :meth:`connectionEnded`."""
         self.connections.add(t)
+        self.traffic.connectionStarted(t, t.transport)
 
     def connectionEnded(self, t: AgentServerTransport) -> None:
         """``t`` is gone: forget it, count it if it never authenticated.
 
-        The last connection to go settles a graceful shutdown waiting for it.
+        The last connection to go settles a graceful shutdown waiting for it,
+        on the next reactor turn: the transport calls this before it stops its
+        service, and what the channels do when they close (report their
+        session's end) must happen before the shutdown goes on.
         """
         self.connections.discard(t)
+        self.traffic.connectionEnded(t)
         if not self.connections:
-            self._drain()
+            self.reactor.callLater(0, self._drain)
         if not t.authenticated and self.metrics is not None:
             self.metrics.sshFailedConnections.inc()
 

@@ -1,4 +1,5 @@
-"""The flow-control contract between the SSH connection and its channels.
+"""The SSH server's contracts: flow control between the connection and its channels,
+and the events it reports to the rest of the agent.
 
 Conch re-opens a channel's window as soon as data arrives, so a consumer
 that cannot keep up (a full socket, a child not reading its stdin) would make
@@ -10,6 +11,8 @@ a set of attribute names each side has to guess.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from zope.interface import Attribute, Interface
 
@@ -49,3 +52,30 @@ class IChannelWindows(Interface):
 
         Called by the connection after each CHANNEL_DATA and by a channel
         whose consumer has just drained (``consumerPaused`` cleared)."""
+
+
+class IConnectionEvents(Interface):
+    """What the SSH server tells the rest of the agent about who used it and what it refused.
+
+    The SSH side calls these; :mod:`coderagent.reporting` implements them (the
+    connection log coderd keeps for auditing, the session counts coderd's
+    activity tracking reads).  They must be cheap and must not raise: they
+    are called from channel handling, once per session start, session end
+    and refusal, never per packet.
+    """
+
+    def sessionStarted(sessionType: str, peer: object) -> Callable[[int, str], None]:
+        """A session channel started a shell, a command or a subsystem.
+
+        ``sessionType`` is the client's ``CODER_SSH_SESSION_TYPE`` in lower
+        case (``ssh`` when it sent none); ``peer`` is the client's
+        ``IAddress``.  Returns the function to call exactly once when the
+        session has ended, with the status code it ended with and why.
+        """
+
+    def refused(peer: object, reason: str) -> None:
+        """The policy refused a request of the client at ``peer``.
+
+        ``reason`` names what was refused and where to, for example
+        ``reverse port forwarding blocked: tcpip-forward 0.0.0.0:8080``.
+        """

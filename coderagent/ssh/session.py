@@ -42,7 +42,8 @@ from coderagent.policy import (
 )
 from coderagent.policy.keyoptions import KeyOptions
 from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
-from coderagent.ssh.interfaces import IWindowedChannel
+from coderagent.ssh.events import NoConnectionEvents, SessionStatus, sessionEnd, transferRefusal
+from coderagent.ssh.interfaces import IConnectionEvents, IWindowedChannel
 from coderagent.ssh.limits import ConnectionLimits, SSHLimits
 from coderagent.ssh.requests import (
     MalformedPayload,
@@ -111,6 +112,8 @@ class SessionContext:
     loginMessage: Callable[[], bytes] | None = None
     #: How forwarding resolves a host name (blocking, run in a thread; ``netaddr.resolve``).
     resolver: Callable[[str, int], list[str]] | None = None
+    #: Told of every session's start and end and of every refusal (the connection log).
+    events: IConnectionEvents = field(default_factory=NoConnectionEvents)
 
     def __post_init__(self) -> None:
         if self.workspace is None:
@@ -193,6 +196,9 @@ class SessionChannel(channel.SSHChannel):
         self._finishing: int | tuple[str, bool] | None = None
         self._finished = False
         self._gone = False
+        #: Tells the connection log this session ended (see _reportStart).
+        self._reportEnd: Callable[[int, str], None] | None = None
+        self._endReason: str | None = None
 
     # -- requests ---------------------------------------------------------
 
@@ -288,8 +294,10 @@ class SessionChannel(channel.SSHChannel):
             return 0
         self._started = True
         self._counted(lambda m: m.sessionStarted(self.sessionType, self.pty is not None))
+        self._reportStart()
         decision = self.context.policy.allowSubsystem(name)
         if not decision.allowed:
+            self._endReason = transferRefusal(name, None)
             log.warn(
                 "{reason}: subsystem {subsystem} refused for {peer}",
                 reason=decision.reason,
@@ -342,6 +350,16 @@ class SessionChannel(channel.SSHChannel):
     def _peerText(self) -> str:
         return describePeer(self.conn.transport.transport)
 
+    def _reportStart(self) -> None:
+        peer = self.conn.transport.transport.getPeer()
+        self._reportEnd = self.context.events.sessionStarted(self.sessionType, peer)
+
+    def _reported(self, status: SessionStatus) -> None:
+        """Tell the connection log, once, how the session ended."""
+        report, self._reportEnd = self._reportEnd, None
+        if report is not None:
+            report(*sessionEnd(status, self._endReason))
+
     def _start(self, requested: str | None, original: str | None = None) -> int:
         if self._started:
             return 0
@@ -350,8 +368,10 @@ class SessionChannel(channel.SSHChannel):
         self.originalCommand = original if original is not None else forcedOver
         self.command = command
         self._counted(lambda m: m.sessionStarted(self.sessionType, self.pty is not None))
+        self._reportStart()
         decision = self.context.policy.allowCommand(command)
         if not decision.allowed:
+            self._endReason = transferRefusal(None, command)
             self._counted(lambda m: m.fileTransfersBlocked.labels("exec").inc())
             log.warn(
                 "{reason}: command {command!r} refused for {peer}",
@@ -374,6 +394,7 @@ class SessionChannel(channel.SSHChannel):
                 lambda m: m.sessionFailed(self.sessionType, self.pty is not None, "start_command")
             )
             message = f"coder-agent: cannot start {self.context.user.shell}: {e}\n"
+            self._endReason = f"start command: {e}"
 
             def fail() -> None:
                 self.writeExtended(connection.EXTENDED_DATA_STDERR, message.encode())
@@ -446,6 +467,7 @@ class SessionChannel(channel.SSHChannel):
                 # server error", exit status 1.
                 log.failure("SFTP session failed")
                 self._counted(lambda m: m.sftpErrors.inc())
+                self._endReason = "sftp server error"
                 self.finish(1)
         elif self.process is not None and not self._ended:
             self.process.write(data)
@@ -511,6 +533,7 @@ class SessionChannel(channel.SSHChannel):
             return
         self._finished = True
         status = self._finishing
+        self._reported(status)
         if isinstance(status, tuple):
             name, core = status
             payload = (
@@ -540,6 +563,7 @@ class SessionChannel(channel.SSHChannel):
 
     def closed(self) -> None:
         self._gone = True
+        self._reported(self._finishing)  # if the status could not be sent
         if self.process is not None and not self._ended:
             # Connection gone: hang up a terminal; close a plain command's
             # pipes and let it finish, as sshd does.

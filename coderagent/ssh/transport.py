@@ -161,6 +161,9 @@ class AgentServerTransport(transport.SSHServerTransport):
     authenticated = False
     #: When the connection was made (for the debug server).
     since = 0.0
+    #: Bytes of the SSH stream read from and written to the client (coderagent.ssh.traffic).
+    rxBytes = 0
+    txBytes = 0
     #: Whether the socket can be written to at once (a plain TCP or Unix connection).
     _sendNow = False
     #: The sealed packets held back while a read is handled (see _readPackets).
@@ -265,7 +268,7 @@ class AgentServerTransport(transport.SSHServerTransport):
         if held is not None:
             held += pieces
         elif self._sendNow:
-            sendNow(self.transport, pieces)
+            sendNow(self.transport, pieces, self)
         else:
             tcp: Any = self.transport
             tcp.writeSequence(pieces)
@@ -287,7 +290,7 @@ class AgentServerTransport(transport.SSHServerTransport):
         if held is not None:
             held += pieces
         else:
-            sendNow(self.transport, pieces)
+            sendNow(self.transport, pieces, self)
 
     def _holdWrites(self) -> bool:
         """Collect what is sent from now on for one write (False: already collecting)."""
@@ -300,7 +303,7 @@ class AgentServerTransport(transport.SSHServerTransport):
         """Write what was collected since :meth:`_holdWrites`, with one ``sendmsg``."""
         held, self._held = self._held, None
         if held and self.transport is not None:
-            sendNow(self.transport, held)
+            sendNow(self.transport, held, self)
 
     def _sendOutsideFastPath(self, messageType: int, parts: tuple[Chunk, ...]) -> None:
         if self._held:
@@ -339,6 +342,7 @@ class AgentServerTransport(transport.SSHServerTransport):
         return None
 
     def dataReceived(self, data: bytes) -> None:
+        self.rxBytes += len(data)
         if self.gotVersion:
             self._rbuf += data
         else:

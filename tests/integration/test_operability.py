@@ -228,7 +228,8 @@ def test_the_control_socket_answers_status(clientKeys: ClientKeys, tmp_path: Pat
         report = json.loads(done.stdout)
         assert report["version"] == "0.1.0" and report["pid"] == agent.process.pid
         assert report["coderd"]["url"] == "http://127.0.0.1:9" and not report["coderd"]["connected"]
-        assert report["ssh"] == {"connections": 0}
+        assert report["ssh"] == {"serving": True, "connections": 0}
+        assert report["status"] == "ok"
     assert not path.exists()
     nobody = subprocess.run(
         [sys.executable, "-m", "coderagent.control.cli", "ping", "--socket", str(path)],

@@ -4,7 +4,8 @@ One :class:`Forwards` lives on each authenticated SSH connection.  It holds
 the listeners that connection created (so they all close when it ends, and
 one connection can never cancel another's), answers who the peer is for log
 lines, and accounts for refusals: every one is logged at WARN with what was
-asked for and counted in ``agent_ssh_forwarding_refused_total``.
+asked for, counted in ``agent_ssh_forwarding_refused_total`` and told to the
+session context's connection events (coderd's connection log).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coderagent.netaddr import UNKNOWN, describePeer, resolve
-from coderagent.policy.engine import normalisePath
+from coderagent.policy.engine import FLAG_LOCAL, FLAG_REVERSE, normalisePath
+from coderagent.ssh.events import forwardRefusal
 from coderagent.ssh.forwarding.opening import DeferredOpenConnection
 
 if TYPE_CHECKING:
@@ -93,14 +95,14 @@ class Forwards:
         """Ask the policy about a local forward; raise the open failure it refuses with."""
         decision = self.policy.allowLocalForward(transport, target)
         if not decision.allowed:
-            self.refused("local", transport, decision, what)
+            self.refused("local", transport, decision, what, target)
             raise ConchError(decision.reason, OPEN_ADMINISTRATIVELY_PROHIBITED)
 
     def allowsReverse(self, transport: str, target: str, what: str) -> bool:
         """Ask the policy about a reverse forward; a refusal is accounted for here."""
         decision = self.policy.allowReverseForward(transport, target)
         if not decision.allowed:
-            self.refused("reverse", transport, decision, what)
+            self.refused("reverse", transport, decision, what, target)
         return decision.allowed
 
     @property
@@ -109,7 +111,9 @@ class Forwards:
         options: KeyOptions | None = getattr(self.avatar, "keyOptions", None)
         return options
 
-    def decided(self, direction: str, transport: str, decision: Decision, what: str) -> bool:
+    def decided(
+        self, direction: str, transport: str, decision: Decision, what: str, target: str
+    ) -> bool:
         """Act on the policy's answer to a parsed request: a refusal is logged and counted;
         in audit mode, what the file would refuse is logged, counted, and allowed."""
         if decision.wouldRefuse:
@@ -126,11 +130,14 @@ class Forwards:
                 metrics.forwardingWouldBeRefused(direction, transport, decision.rule)
             return True
         if not decision.allowed:
-            self.refused(direction, transport, decision, what)
+            self.refused(direction, transport, decision, what, target)
         return decision.allowed
 
-    def refused(self, direction: str, transport: str, decision: Decision, what: str) -> None:
-        """Account for one policy refusal: a WARN line naming what decided, and the counters."""
+    def refused(
+        self, direction: str, transport: str, decision: Decision, what: str, target: str
+    ) -> None:
+        """Account for one policy refusal: a WARN line naming what decided, the counters, and
+        the connection log (upstream's reason for a block flag; a rule's reason added)."""
         rule = decision.rule or "the policy"
         log.warn(
             "{kind} blocked: {what} from {peer}: {reason}",
@@ -146,6 +153,17 @@ class Forwards:
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
             metrics.forwardingRefused(direction, transport, decision.rule)
+        events = getattr(self.context, "events", None)
+        if events is not None:
+            flag = decision.rule in (FLAG_LOCAL, FLAG_REVERSE)
+            reason = forwardRefusal(direction, transport, target, None if flag else decision.reason)
+            events.refused(self._peerAddress(), reason)
+
+    def _peerAddress(self) -> object:
+        try:
+            return self.avatar.conn.transport.transport.getPeer()
+        except AttributeError:
+            return None
 
     def recheck(self) -> None:
         """After a policy reload: close the reverse listeners it no longer allows."""

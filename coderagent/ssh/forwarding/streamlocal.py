@@ -149,7 +149,8 @@ class StreamLocalForwarding:
         # in its directory resolved): "/allowed/../etc/x" is "/etc/x".
         real = normalisePath(path)
         decision = f.policy.localUnix(real, f.key)
-        if not f.decided("local", "unix", decision, f"direct-streamlocal to {displayPath(real)}"):
+        what = f"direct-streamlocal to {displayPath(real)}"
+        if not f.decided("local", "unix", decision, what, path):
             raise ConchError(decision.reason, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
         if not fitsSunPath(real):
             # Twisted would only fail inside its connect, after the timeout.
@@ -186,7 +187,7 @@ class StreamLocalForwarding:
         real = normalisePath(path)  # decided on and bound: see openDirect
         decision = f.policy.reverseUnix(real, f.key)
         what = f"streamlocal-forward on {displayPath(real)}"
-        if not f.decided("reverse", "unix", decision, what):
+        if not f.decided("reverse", "unix", decision, what, path):
             return 0
         if not f.admitsReverseForward():
             return 0

@@ -140,7 +140,7 @@ class TCPForwarding:
 
         def decide(addresses: list[str]) -> Deferred[RelayChannel]:
             answer = f.policy.localTCP(host, port, addresses, f.key)
-            if not f.decided("local", "tcp", answer.decision, f"direct-tcpip to {target}"):
+            if not f.decided("local", "tcp", answer.decision, f"direct-tcpip to {target}", target):
                 prohibited = connection.OPEN_ADMINISTRATIVELY_PROHIBITED
                 raise ConchError(answer.decision.reason, prohibited)
             return dial(
@@ -174,7 +174,8 @@ class TCPForwarding:
             return 0
         address, port = bound
         decision = f.policy.reverseTCP(address, port, f.key)
-        if not f.decided("reverse", "tcp", decision, f"tcpip-forward on {hostPort(address, port)}"):
+        asked = hostPort(address, port)
+        if not f.decided("reverse", "tcp", decision, f"tcpip-forward on {asked}", asked):
             return 0
         if not f.admitsReverseForward():
             return 0

@@ -1,0 +1,284 @@
+"""``ReportConnection``: coderd's connection log (an audit record), fed in order.
+
+As upstream, every SSH session is a ``CONNECT`` when it starts and a
+``DISCONNECT`` when it ends, under one random id, with the session's type
+(``SSH``, ``VSCODE``, ``JETBRAINS`` from ``CODER_SSH_SESSION_TYPE``), the
+client's IP without its port, and at the end the status code and reason
+(:mod:`coderagent.ssh.events` words them).  Beyond upstream, every request
+the policy refuses is a ``CONNECT`` and a ``DISCONNECT`` of its own, type
+``SSH``, status code :data:`REFUSED_STATUS`, the reason naming what was
+refused and where to, so an administrator sees sandbox-escape attempts in
+coderd and not only in the agent's log.
+
+Events wait in one FIFO of at most :data:`MAX_EVENTS` (upstream's bound; an
+event beyond it is dropped with a warning and counted), which outlives
+connections to coderd and is sent one event at a time, oldest first.  A call
+that fails is retried, after a delay that grows to 10 s, on whatever
+connection there is by then; one that coderd *answers* with an error
+:data:`MAX_REJECTIONS` times in a row is dropped with an error line, so one
+event coderd will not take cannot hold up the log (upstream retries it
+forever).  Refusals may fill at most :data:`MAX_REFUSALS` of the FIFO, so a
+client hammering a blocked forward cannot crowd out the sessions' record.
+When the agent stops, what is queued is still sent, for at most
+:data:`SHUTDOWN_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from coderagent.coderd.client import CoderdClient
+from coderagent.coderd.drpc import DRPCError
+from coderagent.deferreds import Waiters, cancelCall
+from coderagent.pb import agent_pb2
+
+log = Logger()
+
+Connection = agent_pb2.Connection
+
+#: Events waiting for coderd at most (upstream's bound).
+MAX_EVENTS = 2048
+#: Of which refusals may be at most this many.
+MAX_REFUSALS = MAX_EVENTS // 2
+#: The status code of a refusal's DISCONNECT: SSH's "administratively prohibited".
+REFUSED_STATUS = 1
+#: How often coderd may answer one event with an error before it is dropped.
+MAX_REJECTIONS = 3
+#: How long stopping may spend sending what is queued.
+SHUTDOWN_TIMEOUT = 5.0
+#: Bound on one call.
+CALL_TIMEOUT = 30.0
+RETRY_FLOOR = 0.5
+RETRY_CAP = 10.0
+
+#: Connection types by session kind; any other kind is logged as SSH (coderd
+#: refuses TYPE_UNSPECIFIED, which upstream sends for unknown kinds).
+TYPES = {"ssh": Connection.SSH, "vscode": Connection.VSCODE, "jetbrains": Connection.JETBRAINS}
+
+
+def peerIP(peer: object) -> str:
+    """The client's address without its port (empty for a Unix socket client)."""
+    host = getattr(peer, "host", None)
+    return str(host) if host else ""
+
+
+class ConnectionLog(Service):
+    """The FIFO of connection events and the loop that sends it to coderd."""
+
+    def __init__(
+        self,
+        client: CoderdClient,
+        *,
+        clock: Any,
+        newID: Callable[[], uuid.UUID] = uuid.uuid4,
+    ) -> None:
+        self.client = client
+        self.clock = clock
+        self.newID = newID
+        self.pending: deque[agent_pb2.ReportConnectionRequest] = deque()
+        #: Events dropped: the FIFO was full, or coderd kept refusing them.
+        self.dropped = 0
+        self.sent = 0
+        self._refusals: set[int] = set()  # ids of the refusal events in ``pending``
+        self._sending = False
+        self._sendingAllowed = False
+        self._retry: IDelayedCall | None = None
+        self._delay = RETRY_FLOOR
+        self._rejections = 0
+        self._failing = False
+        self._overflowing = False
+        self._empty: Waiters[None] = Waiters()
+
+    def status(self) -> dict[str, Any]:
+        return {"pending": len(self.pending), "sent": self.sent, "dropped": self.dropped}
+
+    # -- what the SSH server tells (through SSHActivity) ------------------------------
+
+    def sessionStarted(self, sessionType: str, peer: object) -> Callable[[int, str], None]:
+        """Log the session's CONNECT now; the returned function logs its DISCONNECT."""
+        connectionID = self.newID().bytes
+        kind = TYPES.get(sessionType, Connection.SSH)
+        ip = peerIP(peer)
+        self._add(self._event(connectionID, Connection.CONNECT, kind, ip))
+
+        def ended(code: int, reason: str) -> None:
+            self._add(self._event(connectionID, Connection.DISCONNECT, kind, ip, code, reason))
+
+        return ended
+
+    def refused(self, peer: object, reason: str) -> None:
+        """Log a refusal by policy: a CONNECT and a DISCONNECT of its own."""
+        if len(self._refusals) + 2 > MAX_REFUSALS:
+            self._overflow("refusal")
+            return
+        connectionID = self.newID().bytes
+        ip = peerIP(peer)
+        self._add(self._event(connectionID, Connection.CONNECT, Connection.SSH, ip), refusal=True)
+        self._add(
+            self._event(
+                connectionID, Connection.DISCONNECT, Connection.SSH, ip, REFUSED_STATUS, reason
+            ),
+            refusal=True,
+        )
+
+    def _event(
+        self,
+        connectionID: bytes,
+        action: int,
+        kind: int,
+        ip: str,
+        code: int = 0,
+        reason: str | None = None,
+    ) -> agent_pb2.ReportConnectionRequest:
+        when = timestamp_pb2.Timestamp()
+        when.FromNanoseconds(int(self.clock.seconds() * 1e9))
+        connection = Connection(id=connectionID, timestamp=when, ip=ip, status_code=code)
+        connection.action = action  # type: ignore[assignment]
+        connection.type = kind  # type: ignore[assignment]
+        if reason is not None:
+            connection.reason = reason
+        return agent_pb2.ReportConnectionRequest(connection=connection)
+
+    def _add(self, request: agent_pb2.ReportConnectionRequest, refusal: bool = False) -> None:
+        if len(self.pending) >= MAX_EVENTS:
+            self._overflow("connection")
+            return
+        self._overflowing = False
+        self.pending.append(request)
+        if refusal:
+            self._refusals.add(id(request))
+        self._kick()
+
+    def _overflow(self, what: str) -> None:
+        self.dropped += 1
+        if not self._overflowing:
+            self._overflowing = True
+            log.warn(
+                "connection log full ({pending} events waiting for coderd): "
+                "dropping {what} events until it drains",
+                pending=len(self.pending),
+                what=what,
+            )
+
+    # -- sending, oldest first ------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._sendingAllowed = True
+        self.client.onConnect(self._connected)
+        self._kick()
+
+    def _connected(self, client: CoderdClient) -> None:
+        # A new connection: whatever was waiting to be retried goes now.
+        cancelCall(self._retry)
+        self._retry = None
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._sending or self._retry is not None or not self._sendingAllowed:
+            return
+        if not self.pending:
+            self._empty.fire(None)
+            return
+        self._sending = True
+        head = self.pending[0]
+        d: Deferred[Any] = self.client.call("ReportConnection", head, timeout=CALL_TIMEOUT)
+        d.addCallbacks(self._sent, self._failed, callbackArgs=(head,), errbackArgs=(head,))
+
+    def _sent(self, _: object, head: agent_pb2.ReportConnectionRequest) -> None:
+        self._sending = False
+        self._delay = RETRY_FLOOR
+        self._rejections = 0
+        if self._failing:
+            self._failing = False
+            log.info("connection log reaching coderd again")
+        self.sent += 1
+        self._pop(head)
+        self._kick()
+
+    def _failed(self, reason: Failure, head: agent_pb2.ReportConnectionRequest) -> None:
+        self._sending = False
+        if reason.check(DRPCError):
+            self._rejections += 1
+            if self._rejections >= MAX_REJECTIONS:
+                self._rejections = 0
+                self.dropped += 1
+                self._pop(head)
+                c = head.connection
+                log.error(
+                    "coderd refused a connection log event {times} times, dropped it: "
+                    "{action} {type} from {ip}: {error}",
+                    times=MAX_REJECTIONS,
+                    action=Connection.Action.Name(c.action),
+                    type=Connection.Type.Name(c.type),
+                    ip=c.ip or "?",
+                    error=reason.getErrorMessage(),
+                )
+                self._kick()
+                return
+        if not self._failing:
+            self._failing = True
+            log.warn(
+                "connection log event not delivered to coderd: {error}; "
+                "{pending} events wait and are retried",
+                error=reason.getErrorMessage(),
+                pending=len(self.pending),
+            )
+        if self._sendingAllowed:
+            self._retry = self.clock.callLater(self._delay, self._retryNow)
+            self._delay = min(RETRY_CAP, self._delay * 2)
+
+    def _retryNow(self) -> None:
+        self._retry = None
+        self._kick()
+
+    def _pop(self, head: agent_pb2.ReportConnectionRequest) -> None:
+        if self.pending and self.pending[0] is head:
+            self.pending.popleft()
+            self._refusals.discard(id(head))
+
+    # -- stopping: drain, bounded ----------------------------------------------------
+
+    def drain(self) -> Deferred[None]:
+        """Fires once coderd has every event held (the shutdown waits on it, bounded, with
+        the scripts' logs, after the SSH server's goodbye has ended its sessions)."""
+        if not self.pending:
+            return succeed(None)
+        done: Deferred[None] = self._empty.wait()
+        self._kick()
+        return done
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if not self.pending:
+            self._stopSending()
+            return succeed(None)
+        done = self._empty.wait()
+        timer = self.clock.callLater(SHUTDOWN_TIMEOUT, self._empty.fire, None)
+        self._kick()
+
+        def finished(_: object) -> None:
+            cancelCall(timer)
+            if self.pending:
+                log.warn(
+                    "{count} connection log events not delivered to coderd before stopping",
+                    count=len(self.pending),
+                )
+            self._stopSending()
+
+        return done.addCallback(finished)
+
+    def _stopSending(self) -> None:
+        self._sendingAllowed = False
+        cancelCall(self._retry)
+        self._retry = None
