@@ -1,15 +1,20 @@
-"""The forwarding policy's decision cost: median microseconds per decision, with N rules.
+"""The forwarding policy's cost: microseconds per decision, and ``-L`` throughput with one.
 
 Usage (from the repository root):
 
     python benchmarks/policy.py [--rules 1000] [--decisions 20000]
-    tox -e bench-policy -- [same options]
+    python benchmarks/policy.py --throughput [--rules 100] [--reps 5] [--mbytes 256]
 
 A policy file of N local_tcp rules (every one a miss for the request, so each decision
 reads them all: the worst case) and the same number of reverse_tcp and reverse_unix
 rules; each decision goes through the one Policy object as the SSH handlers call it.
-For the cost in throughput, ``benchmarks/run.py --agent-arg
---forwarding-policy-file=FILE`` runs the side-by-side benchmark with a policy in force.
+
+``--throughput`` installs the working tree as ``benchmarks/run.py`` does and starts two
+agents from it, one without a policy file and one with such a file of N rules, then pushes
+data through ``ssh -N -L`` to each in turn (interleaved repetitions, the same client, sink
+and user as the side-by-side benchmark): MB/s and the agent's CPU per 32 KiB packet, side
+by side.  The policy decides when a channel opens, not per packet, so the two should agree
+within the noise.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
+from benchmarks import install  # noqa: E402
 from coderagent.policy import Policy, loadPolicy  # noqa: E402
 
 
@@ -54,11 +60,104 @@ def timeEach(decide: object, n: int) -> float:
     return statistics.median(samples)
 
 
+def throughput(rules: int, reps: int, mbytes: int, venv: Path) -> None:
+    """``-L`` MB/s and CPU per packet: an agent without a policy file and one with ``rules``."""
+    import shutil
+    import tempfile
+
+    from benchmarks import servers, workloads
+    from benchmarks.sampling import Measure
+
+    twistd = install.installAgent(venv)
+    workdir = Path(tempfile.mkdtemp(prefix="coderagent-bench-policy-"))
+    workdir.chmod(0o755)
+    policyFile = workdir / "policy.toml"
+    policyFile.write_text(policyText(rules))
+    policyFile.chmod(0o644)
+    user = servers.ensureBenchUser("coderbench")
+    keys = servers.makeKeys(workdir)
+    sink = workloads.startSink(workdir)
+    started: dict[str, servers.Server] = {}
+    results: dict[str, list[dict[str, float]]] = {"none": [], f"{rules} rules": []}
+    try:
+        for name, extra in (
+            ("none", []),
+            (f"{rules} rules", [f"--forwarding-policy-file={policyFile}"]),
+        ):
+            sub = workdir / f"agent-{len(started)}"
+            sub.mkdir()
+            sub.chmod(0o755)
+            started[name] = servers.startAgent(sub, keys, user, twistd, extraArgs=extra)
+        for rep in range(reps):
+            order = list(started) if rep % 2 == 0 else list(reversed(started))
+            for name in order:
+                server = started[name]
+                client = workloads.Client(server.port, user.name, keys.client, [])
+                entry = servers.freePort()
+                result = workloads.throughput(
+                    client,
+                    ["-L", f"127.0.0.1:{entry}:127.0.0.1:{sink.port}"],
+                    entry,
+                    mbytes * workloads.MIB,
+                    lambda clientPid, pid=server.pid: Measure(pid, clientPid),
+                    workdir,
+                    120.0,
+                    30.0,
+                )
+                if "error" in result:
+                    raise RuntimeError(f"{name}: {result['error']}")
+                results[name].append(result)
+                print(
+                    f"[bench] rep {rep + 1}/{reps} {name}: {result['MBps']} MB/s, "
+                    f"{result['server_cpu_us_per_packet']} µs/packet",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        for server in started.values():
+            server.stop()
+        sink.proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def cell(name: str, key: str) -> str:
+        xs = [r[key] for r in results[name]]
+        return f"{statistics.median(xs):.1f} [{min(xs):.1f}-{max(xs):.1f}]"
+
+    names = list(results)
+    print(
+        f"| `ssh -L`, {mbytes} MiB per push, {reps} reps, median [min-max] | "
+        + " | ".join(names)
+        + " | ratio |"
+    )
+    print("|---|---|---|---|")
+    for label, key in (
+        ("MB/s", "MBps"),
+        ("agent CPU µs per 32 KiB packet", "server_cpu_us_per_packet"),
+    ):
+        medians = [statistics.median(r[key] for r in results[n]) for n in names]
+        print(
+            f"| {label} | {cell(names[0], key)} | {cell(names[1], key)} "
+            f"| {medians[1] / medians[0]:.2f} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/policy.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rules", type=int, default=1000)
+    p.add_argument(
+        "--rules", type=int, default=None, help="rules per section (1000; 100 with --throughput)"
+    )
     p.add_argument("--decisions", type=int, default=20000)
+    p.add_argument(
+        "--throughput", action="store_true", help="-L throughput with and without a policy"
+    )
+    p.add_argument("--reps", type=int, default=5, help="repetitions of each agent (--throughput)")
+    p.add_argument("--mbytes", type=int, default=256, help="MiB per push (--throughput)")
+    p.add_argument("--agent-venv", type=Path, default=install.DEFAULT_VENV)
     a = p.parse_args(argv)
+    if a.throughput:
+        throughput(a.rules or 100, a.reps, a.mbytes, a.agent_venv)
+        return 0
+    a.rules = a.rules or 1000
     loadStart = time.perf_counter()
     policy = Policy(rules=loadPolicy(policyText(a.rules).encode()))
     loaded = time.perf_counter() - loadStart

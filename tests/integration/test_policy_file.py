@@ -363,12 +363,8 @@ def test_a_forced_command_runs_instead_and_sees_what_was_asked(
         assert (asked.returncode, asked.stdout) == (0, b"[echo hi; rm -rf x]"), asked.stderr
         shell = command(agent, keys.otherKey, "-T")
         assert (shell.returncode, shell.stdout) == (0, b"[unset]"), shell.stderr
-        sftp = subprocess.run(
-            ["sftp", "-b", "-", *clientOptions(agent, keys.otherKey), f"coder@{agent.host}"],
-            input=b"ls\n",
-            capture_output=True,
-            timeout=TIMEOUT,
-        )
-        assert sftp.returncode != 0  # the forced command answered, not an SFTP server
+        # A subsystem request (what sftp sends) runs the forced command instead.
+        subsystem = command(agent, keys.otherKey, "-s", run="sftp")
+        assert (subsystem.returncode, subsystem.stdout) == (0, b"[sftp]"), subsystem.stderr
         plain = command(agent, keys.key, run="echo ${SSH_ORIGINAL_COMMAND-unset}")
         assert plain.stdout == b"unset\n", plain.stderr
