@@ -18,6 +18,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from coderagent import compat, launch
+from tests.waiting import untilDeferred
 
 SH = "/bin/sh"
 
@@ -124,8 +125,7 @@ def test_a_script_child_leads_a_new_session_and_a_session_child_does_not() -> It
 @pytest_twisted.inlineCallbacks
 def test_a_signal_death_is_reported_as_such() -> Iterator[Deferred[Any]]:
     protocol, process = _spawn("echo up; exec sleep 30", "/")
-    while b"up" not in protocol.out:
-        yield _tick()
+    yield untilDeferred(lambda: b"up" in protocol.out, "the child's first line")
     process.signalProcess("KILL")
     reason = yield protocol.ended
     assert isinstance(reason, ProcessTerminated)
@@ -194,9 +194,3 @@ def test_a_fake_reactor_gets_the_call_unchanged() -> None:
     protocol = ProcessProtocol()
     assert launch.spawnProcess(Fake(), protocol, SH, [SH], env={}, path="/x") == "process"
     assert calls == [((protocol, SH, [SH]), {"env": {}, "path": "/x", "usePTY": False})]
-
-
-def _tick() -> Deferred[None]:
-    from twisted.internet import task
-
-    return task.deferLater(_reactor(), 0.01, lambda: None)

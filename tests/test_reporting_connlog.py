@@ -185,12 +185,21 @@ def test_stopping_sends_what_is_queued_first() -> None:
 def test_stopping_gives_up_after_the_shutdown_timeout() -> None:
     s = Setup()
     s.start()
-    s.coderd.disconnect()
-    s.log.sessionStarted("ssh", PEER)
+    s.coderd.settle()
+    s.log.sessionStarted("ssh", PEER)  # sent, and coderd never answers (nothing settles)
     stopped = s.log.stopService()
     s.coderd.clock.advance(SHUTDOWN_TIMEOUT - 0.1)
     assert not stopped.called
     s.coderd.clock.advance(0.1)
+    assert stopped.called and len(s.log.pending) == 1
+
+
+def test_stopping_without_a_connection_does_not_wait_for_one() -> None:
+    s = Setup()
+    s.start()
+    s.coderd.disconnect()
+    s.log.sessionStarted("ssh", PEER)
+    stopped = s.log.stopService()
     assert stopped.called and len(s.log.pending) == 1
 
 

@@ -14,7 +14,6 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from coderagent.coderd.client import CoderdClient
-from coderagent.compat import spawnInNewSession
 from coderagent.files import openPrivate
 from coderagent.pb import agent_pb2
 from coderagent.scripts.logsender import ERROR, INFO, LogSender
@@ -26,6 +25,8 @@ from coderagent.scripts.process import (
     ScriptProcess,
     pipesLeftOpenWarning,
 )
+from coderagent.scripts.runner import spawnScript
+from tests.waiting import until
 
 Status = agent_pb2.Timing.Status
 SOURCE = b"\x01" * 16
@@ -55,7 +56,7 @@ class Run:
 
     def start(self, script: str) -> Any:
         return self.process.start(
-            lambda protocol: spawnInNewSession(
+            lambda protocol: spawnScript(
                 reactor, protocol, "/bin/sh", ["sh", "-c", script], {"PATH": "/bin:/usr/bin"}, "/"
             )
         )
@@ -93,8 +94,7 @@ async def test_a_timeout_hangs_up_the_whole_group(tmp_path: Path) -> None:
     run = Run(tmp_path, timeout=5)
     marker = tmp_path / "child.pid"
     done = run.start(f"sleep 60 & echo $! > {marker}; echo started; wait")
-    while not run.lines():
-        await task.deferLater(reactor, 0.01, lambda: None)
+    await until(run.lines, "the script's first line")
     run.clock.advance(4.9)
     assert not done.called
     run.clock.advance(0.1)  # SIGHUP to the group: the shell and its sleep
@@ -109,8 +109,7 @@ async def test_a_script_that_ignores_the_hangup_is_killed_after_the_wait_delay(
 ) -> None:
     run = Run(tmp_path, timeout=1)
     done = run.start("trap '' HUP; echo ready; while :; do sleep 0.1; done")
-    while not run.lines():
-        await task.deferLater(reactor, 0.01, lambda: None)
+    await until(run.lines, "the script's first line")
     run.clock.advance(1)
     assert not done.called
     run.clock.advance(WAIT_DELAY)  # SIGKILL, and the run is over at once
@@ -156,8 +155,7 @@ async def test_a_failing_exit_with_open_pipes_stays_an_exit_failure(tmp_path: Pa
 async def test_stopping_a_run_is_an_exit_failure(tmp_path: Path) -> None:
     run = Run(tmp_path)
     done = run.start("echo up; sleep 60")
-    while not run.lines():
-        await task.deferLater(reactor, 0.01, lambda: None)
+    await until(run.lines, "the script's first line")
     run.process.stop()
     result = await done
     assert (result.status, result.exitCode) == (Status.EXIT_FAILURE, UNKNOWN_EXIT_CODE)

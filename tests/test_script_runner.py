@@ -24,6 +24,7 @@ from coderagent.scripts.runner import ScriptRunner, logPath, scriptBinDir
 from coderagent.scripts.timings import TimingReporter
 from coderagent.workspaceenv import UserInfo, WorkspaceEnvironment
 from tests.localcoderd import TOKEN, Coderd
+from tests.waiting import until
 
 TIMEOUT = 15
 Stage = agent_pb2.Timing.Stage
@@ -193,8 +194,7 @@ async def test_start_scripts_run_in_parallel_and_the_first_failure_decides(
 @pytest_twisted.ensureDeferred
 async def test_a_timeout_that_comes_first_is_timed_out(agent: Agent) -> None:
     started = agent.runner.start(agent.manifest)
-    while "waiting" not in agent.lines(1):
-        await task.deferLater(reactor, 0.01, lambda: None)
+    await until(lambda: "waiting" in agent.lines(1), 'the script\'s line "waiting"')
     agent.clock.advance(5)
     outcome = await started.addTimeout(TIMEOUT, reactor)
     assert outcome is Outcome.TIMED_OUT
@@ -212,8 +212,7 @@ async def test_stopping_ends_start_and_cron_runs_then_runs_the_stop_scripts(
     agent: Agent,
 ) -> None:
     started = agent.runner.start(agent.manifest)
-    while "up" not in agent.lines(1):
-        await task.deferLater(reactor, 0.01, lambda: None)
+    await until(lambda: "up" in agent.lines(1), 'the start script\'s line "up"')
     agent.clock.advance(5)
     assert not agent.runner.scheduler.running  # cron waits for the start scripts
     outcome = await agent.runner.stop().addTimeout(TIMEOUT, reactor)

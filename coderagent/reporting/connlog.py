@@ -226,6 +226,8 @@ class ConnectionLog(Service):
                 )
                 self._kick()
                 return
+        if not self._sendingAllowed:
+            return  # stopped: the call on its way was cancelled, and stopService said so
         if not self._failing:
             self._failing = True
             log.warn(
@@ -260,7 +262,10 @@ class ConnectionLog(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if not self.pending:
+        if not self.pending or not self.client.connected:
+            # Nothing to send, or no connection to send it on: waiting for one would only
+            # delay the exit (an agent that never reached coderd stops at once).
+            self._undelivered()
             self._stopSending()
             return succeed(None)
         done = self._empty.wait()
@@ -269,14 +274,17 @@ class ConnectionLog(Service):
 
         def finished(_: object) -> None:
             cancelCall(timer)
-            if self.pending:
-                log.warn(
-                    "{count} connection log events not delivered to coderd before stopping",
-                    count=len(self.pending),
-                )
+            self._undelivered()
             self._stopSending()
 
         return done.addCallback(finished)
+
+    def _undelivered(self) -> None:
+        if self.pending:
+            log.warn(
+                "{count} connection log events not delivered to coderd before stopping",
+                count=len(self.pending),
+            )
 
     def _stopSending(self) -> None:
         self._sendingAllowed = False
