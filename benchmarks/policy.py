@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agent-venv", type=Path, default=install.DEFAULT_VENV)
     a = p.parse_args(argv)
     if a.throughput:
-        throughput(a.rules or 100, a.reps, a.mbytes, a.agent_venv)
+        throughput(100 if a.rules is None else a.rules, a.reps, a.mbytes, a.agent_venv)
         return 0
-    a.rules = a.rules or 1000
+    a.rules = 1000 if a.rules is None else a.rules
     loadStart = time.perf_counter()
     policy = Policy(rules=loadPolicy(policyText(a.rules).encode()))
     loaded = time.perf_counter() - loadStart
