@@ -488,28 +488,50 @@ def chachaStream(key: bytes, nonce: bytes) -> Any:
     return Cipher(algorithms.ChaCha20(key, _BLOCK_ZERO + nonce), None).encryptor()
 
 
+class _ChachaKeys:
+    """The two ChaCha20 streams of one direction, re-pointed at each packet's nonce.
+
+    A cipher context made once per key and moved with ``reset_nonce`` costs
+    a tenth of a new ``Cipher`` per packet (3 µs each, two per packet).
+    """
+
+    __slots__ = ("_length", "_main")
+
+    def __init__(self, key: bytes) -> None:
+        self._main = chachaStream(key[:32], _BLOCK_ZERO)  # K_2
+        self._length = chachaStream(key[32:64], _BLOCK_ZERO)  # K_1
+
+    def forPacket(self, sequence: int) -> tuple[Any, Any]:
+        """The length stream and the main stream, both at block 0 of ``sequence``'s nonce."""
+        nonce = _BLOCK_ZERO + _SEQUENCE64.pack(sequence & SEQUENCE_MASK)
+        length = self._length
+        length.reset_nonce(nonce)
+        main = self._main
+        main.reset_nonce(nonce)
+        return length, main
+
+
 class ChachaSealer(PaddingPool):
     """``chacha20-poly1305@openssh.com`` (``PROTOCOL.chacha20poly1305``)."""
 
-    __slots__ = ("_lengthKey", "_mainKey", "ciphers")
+    __slots__ = ("_keys", "ciphers")
 
     blockSize = 8
 
     def __init__(self, owner: Any, key: bytes) -> None:
         super().__init__()
         self.ciphers = owner
-        self._mainKey = key[:32]  # K_2
-        self._lengthKey = key[32:64]  # K_1
+        self._keys = _ChachaKeys(key)
 
     def seal(self, sequence: int, messageType: int, parts: Sequence[Chunk]) -> list[bytes]:
         size = 1
         for part in parts:
             size += len(part)
         padLength = _padLength(size, 8)
-        nonce = _SEQUENCE64.pack(sequence & SEQUENCE_MASK)
-        length = chachaStream(self._lengthKey, nonce).update(U32.pack(size + padLength + 1))
+        lengthStream, main = self._keys.forPacket(sequence)
+        length = lengthStream.update(U32.pack(size + padLength + 1))
         lead, rest = _lead(HEAD_AFTER_LENGTH.pack(padLength, messageType), parts)
-        update = chachaStream(self._mainKey, nonce).update
+        update = main.update
         poly = Poly1305(update(_ZERO_BLOCK)[:32])  # block 0; the packet starts at block 1
         piece = length + update(lead)
         poly.update(piece)
@@ -531,30 +553,30 @@ class ChachaOpener:
     the rest of the packet has arrived.
     """
 
-    __slots__ = ("_length", "_lengthKey", "_mainKey", "ciphers")
+    __slots__ = ("_keys", "_length", "ciphers")
 
     blockSize = 8
 
     def __init__(self, owner: Any, key: bytes) -> None:
         self.ciphers = owner
-        self._mainKey = key[:32]
-        self._lengthKey = key[32:64]
+        self._keys = _ChachaKeys(key)
         self._length: int | None = None
 
     def open(self, view: memoryview, pos: int, sequence: int) -> tuple[Opened, int] | None:
-        nonce = _SEQUENCE64.pack(sequence & SEQUENCE_MASK)
         length = self._length
         if length is None:
             if len(view) - pos < 4:
                 return None
-            (length,) = U32.unpack(chachaStream(self._lengthKey, nonce).update(view[pos : pos + 4]))
+            lengthStream, _ = self._keys.forPacket(sequence)
+            (length,) = U32.unpack(lengthStream.update(view[pos : pos + 4]))
             _checkLength(length, 8)
         end = pos + 4 + length
         if len(view) < end + _TAG_SIZE:
             self._length = length
             return None
         self._length = None
-        update = chachaStream(self._mainKey, nonce).update
+        _, main = self._keys.forPacket(sequence)
+        update = main.update
         try:
             # (the tag must be bytes; the data may be a view)
             Poly1305.verify_tag(
