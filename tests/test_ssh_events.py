@@ -13,6 +13,7 @@ from coderagent.ssh.events import (
     sessionEnd,
     shown,
     signalText,
+    subsystemRefusal,
     transferRefusal,
 )
 from coderagent.ssh.interfaces import IConnectionEvents
@@ -57,6 +58,8 @@ def test_refusals_name_what_and_where() -> None:
         "reverse port forwarding blocked: streamlocal-forward@openssh.com /tmp/s"
     )
     assert transferRefusal("sftp", None) == "file transfer blocked: subsystem sftp"
+    assert subsystemRefusal("x11-portal") == "unsupported subsystem: x11-portal"
+    assert subsystemRefusal("a\x00b") == 'unsupported subsystem: "a\\x00b"'
     assert transferRefusal(None, 'scp -t "a b"') == (
         'file transfer blocked: exec "scp -t \\"a b\\""'
     )

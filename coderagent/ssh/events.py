@@ -80,6 +80,11 @@ def transferRefusal(subsystem: str | None, command: str | None) -> str:
     return f"{FILE_TRANSFER_BLOCKED}: exec {goQuote(bounded(command or ''))}"
 
 
+def subsystemRefusal(subsystem: str) -> str:
+    """The reason of a subsystem the agent does not have: upstream's text."""
+    return f"unsupported subsystem: {shown(subsystem)}"
+
+
 #: The wire name of each kind of forward, by (direction, transport).
 FORWARD_REQUESTS = {
     ("local", "tcp"): "direct-tcpip",

@@ -42,7 +42,14 @@ from coderagent.policy import (
 )
 from coderagent.policy.keyoptions import KeyOptions
 from coderagent.ssh.environment import MAGIC_SESSION_VARIABLES, UserInfo
-from coderagent.ssh.events import NoConnectionEvents, SessionStatus, sessionEnd, transferRefusal
+from coderagent.ssh.events import (
+    NoConnectionEvents,
+    SessionStatus,
+    sessionEnd,
+    shown,
+    subsystemRefusal,
+    transferRefusal,
+)
 from coderagent.ssh.interfaces import IConnectionEvents, IWindowedChannel
 from coderagent.ssh.limits import ConnectionLimits, SSHLimits
 from coderagent.ssh.requests import (
@@ -290,7 +297,12 @@ class SessionChannel(channel.SSHChannel):
         if self._key is not None and self._key.command is not None:
             # As sshd: a forced command runs instead, SSH_ORIGINAL_COMMAND says what was asked.
             return self._start(None, original=name)
-        if self._started or name != "sftp" or self.context.sftpServer is None:
+        if self._started:
+            return 0
+        if name != "sftp":
+            self._refuseSubsystem(name)
+            return 0
+        if self.context.sftpServer is None:
             return 0
         self._started = True
         self._counted(lambda m: m.sessionStarted(self.sessionType, self.pty is not None))
@@ -314,6 +326,20 @@ class SessionChannel(channel.SSHChannel):
         self.subsystem = server
         server.makeConnection(_SubsystemTransport(self))
         return 1
+
+    def _refuseSubsystem(self, name: str) -> None:
+        """A subsystem we do not have: refused, as sshd does, and in the connection log.
+
+        Upstream accepts the request and ends the session with status 1; the
+        reason it reports is the same.
+        """
+        log.warn(
+            "unsupported subsystem {subsystem} refused for {peer}",
+            subsystem=shown(name),
+            peer=self._peerText(),
+        )
+        peer = self.conn.transport.transport.getPeer()
+        self.context.events.refused(peer, subsystemRefusal(name))
 
     def _requestSignal(self, data: bytes) -> int:
         name = parseSignal(data)

@@ -326,6 +326,25 @@ def test_blocked_file_transfers_are_in_the_connection_log(
     assert end["status"] == "65"
 
 
+def test_an_unsupported_subsystem_is_refused_and_in_the_connection_log(
+    reporting: Reporting, clientKeys: ClientKeys
+) -> None:
+    coderd, agent = reporting.coderd, reporting.agent
+    since = _mark(coderd)
+    result = subprocess.run(
+        ["ssh", *sshOptions(agent, clientKeys.key), "-s", f"coder@{agent.host}", "x11-portal"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
+    # As with sshd: the request is refused and the client says so.
+    assert result.returncode == 255
+    assert b"subsystem request failed" in result.stderr
+    start, end = _pair(coderd, since, "unsupported subsystem: x11-portal")
+    assert (start["type"], start["ip"], end["status"]) == ("SSH", "127.0.0.1", "1")
+    agent.waitForLog(r"unsupported subsystem x11-portal refused for 127\.0\.0\.1")
+
+
 def test_sessions_ended_by_a_shutdown_reach_coderd_before_the_agent_exits(
     clientKeys: ClientKeys, tmp_path: Path
 ) -> None:
