@@ -17,8 +17,9 @@ that fails is retried, after a delay that grows to 10 s, on whatever
 connection there is by then; one that coderd *answers* with an error
 :data:`MAX_REJECTIONS` times in a row is dropped with an error line, so one
 event coderd will not take cannot hold up the log (upstream retries it
-forever).  Refusals may fill at most :data:`MAX_REFUSALS` of the FIFO, so a
-client hammering a blocked forward cannot crowd out the sessions' record.
+forever); :mod:`coderagent.coderd.delivery` does the sending.  Refusals may
+fill at most :data:`MAX_REFUSALS` of the FIFO, so a client hammering a
+blocked forward cannot crowd out the sessions' record.
 When the agent stops, what is queued is still sent, for at most
 :data:`SHUTDOWN_TIMEOUT`.
 """
@@ -26,20 +27,18 @@ When the agent stops, what is queued is still sent, for at most
 from __future__ import annotations
 
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import timestamp_pb2
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coderagent.coderd.client import CoderdClient
-from coderagent.coderd.drpc import DRPCError
-from coderagent.deferreds import Waiters, cancelCall
+from coderagent.coderd.delivery import OrderedDelivery
+from coderagent.deferreds import cancelCall
 from coderagent.pb import agent_pb2
 
 log = Logger()
@@ -85,19 +84,28 @@ class ConnectionLog(Service):
         self.client = client
         self.clock = clock
         self.newID = newID
-        self.pending: deque[agent_pb2.ReportConnectionRequest] = deque()
+        self._delivery: OrderedDelivery[agent_pb2.ReportConnectionRequest] = OrderedDelivery(
+            lambda request: client.call("ReportConnection", request, timeout=CALL_TIMEOUT),
+            clock=clock,
+            delay=_retryDelay,
+            maxRejections=MAX_REJECTIONS,
+            onRejected=self._rejected,
+            onFailing=self._failing,
+            onRecovered=lambda: log.info("connection log reaching coderd again"),
+            onRemoved=lambda request: self._refusals.discard(id(request)),
+            sending=False,  # until the service starts
+        )
+        #: The events waiting for coderd, oldest first.
+        self.pending = self._delivery.pending
         #: Events dropped: the FIFO was full, or coderd kept refusing them.
         self.dropped = 0
-        self.sent = 0
         self._refusals: set[int] = set()  # ids of the refusal events in ``pending``
-        self._sending = False
-        self._sendingAllowed = False
-        self._retry: IDelayedCall | None = None
-        self._delay = RETRY_FLOOR
-        self._rejections = 0
-        self._failing = False
         self._overflowing = False
-        self._empty: Waiters[None] = Waiters()
+
+    @property
+    def sent(self) -> int:
+        """Events coderd has."""
+        return self._delivery.sent
 
     def status(self) -> dict[str, Any]:
         return {"pending": len(self.pending), "sent": self.sent, "dropped": self.dropped}
@@ -157,7 +165,7 @@ class ConnectionLog(Service):
         self.pending.append(request)
         if refusal:
             self._refusals.add(id(request))
-        self._kick()
+        self._delivery.kick()
 
     def _overflow(self, what: str) -> None:
         self.dropped += 1
@@ -174,90 +182,38 @@ class ConnectionLog(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._sendingAllowed = True
-        self.client.onConnect(self._connected)
-        self._kick()
+        self._delivery.sending = True
+        self.client.onConnect(lambda _: self._delivery.connected())
+        self._delivery.kick()
 
-    def _connected(self, client: CoderdClient) -> None:
-        # A new connection: whatever was waiting to be retried goes now.
-        cancelCall(self._retry)
-        self._retry = None
-        self._kick()
+    def _rejected(self, head: agent_pb2.ReportConnectionRequest, reason: Failure) -> None:
+        self.dropped += 1
+        c = head.connection
+        log.error(
+            "coderd refused a connection log event {times} times, dropped it: "
+            "{action} {type} from {ip}: {error}",
+            times=MAX_REJECTIONS,
+            action=Connection.Action.Name(c.action),
+            type=Connection.Type.Name(c.type),
+            ip=c.ip or "?",
+            error=reason.getErrorMessage(),
+        )
 
-    def _kick(self) -> None:
-        if self._sending or self._retry is not None or not self._sendingAllowed:
-            return
-        if not self.pending:
-            self._empty.fire(None)
-            return
-        self._sending = True
-        head = self.pending[0]
-        d: Deferred[Any] = self.client.call("ReportConnection", head, timeout=CALL_TIMEOUT)
-        d.addCallbacks(self._sent, self._failed, callbackArgs=(head,), errbackArgs=(head,))
-
-    def _sent(self, _: object, head: agent_pb2.ReportConnectionRequest) -> None:
-        self._sending = False
-        self._delay = RETRY_FLOOR
-        self._rejections = 0
-        if self._failing:
-            self._failing = False
-            log.info("connection log reaching coderd again")
-        self.sent += 1
-        self._pop(head)
-        self._kick()
-
-    def _failed(self, reason: Failure, head: agent_pb2.ReportConnectionRequest) -> None:
-        self._sending = False
-        if reason.check(DRPCError):
-            self._rejections += 1
-            if self._rejections >= MAX_REJECTIONS:
-                self._rejections = 0
-                self.dropped += 1
-                self._pop(head)
-                c = head.connection
-                log.error(
-                    "coderd refused a connection log event {times} times, dropped it: "
-                    "{action} {type} from {ip}: {error}",
-                    times=MAX_REJECTIONS,
-                    action=Connection.Action.Name(c.action),
-                    type=Connection.Type.Name(c.type),
-                    ip=c.ip or "?",
-                    error=reason.getErrorMessage(),
-                )
-                self._kick()
-                return
-        if not self._sendingAllowed:
-            return  # stopped: the call on its way was cancelled, and stopService said so
-        if not self._failing:
-            self._failing = True
-            log.warn(
-                "connection log event not delivered to coderd: {error}; "
-                "{pending} events wait and are retried",
-                error=reason.getErrorMessage(),
-                pending=len(self.pending),
-            )
-        if self._sendingAllowed:
-            self._retry = self.clock.callLater(self._delay, self._retryNow)
-            self._delay = min(RETRY_CAP, self._delay * 2)
-
-    def _retryNow(self) -> None:
-        self._retry = None
-        self._kick()
-
-    def _pop(self, head: agent_pb2.ReportConnectionRequest) -> None:
-        if self.pending and self.pending[0] is head:
-            self.pending.popleft()
-            self._refusals.discard(id(head))
+    def _failing(self, reason: Failure) -> None:
+        log.warn(
+            "connection log event not delivered to coderd: {error}; "
+            "{pending} events wait and are retried",
+            error=reason.getErrorMessage(),
+            pending=len(self.pending),
+        )
 
     # -- stopping: drain, bounded ----------------------------------------------------
 
     def drain(self) -> Deferred[None]:
         """Fires once coderd has every event held (the shutdown waits on it, bounded, with
         the scripts' logs, after the SSH server's goodbye has ended its sessions)."""
-        if not self.pending:
-            return succeed(None)
-        done: Deferred[None] = self._empty.wait()
-        self._kick()
+        done = self._delivery.waitUntilEmpty()
+        self._delivery.kick()
         return done
 
     def stopService(self) -> Deferred[None]:
@@ -266,16 +222,16 @@ class ConnectionLog(Service):
             # Nothing to send, or no connection to send it on: waiting for one would only
             # delay the exit (an agent that never reached coderd stops at once).
             self._undelivered()
-            self._stopSending()
+            self._delivery.stop()
             return succeed(None)
-        done = self._empty.wait()
-        timer = self.clock.callLater(SHUTDOWN_TIMEOUT, self._empty.fire, None)
-        self._kick()
+        done = self._delivery.waitUntilEmpty()
+        timer = self.clock.callLater(SHUTDOWN_TIMEOUT, self._delivery.giveUp)
+        self._delivery.kick()
 
         def finished(_: object) -> None:
             cancelCall(timer)
             self._undelivered()
-            self._stopSending()
+            self._delivery.stop()
 
         return done.addCallback(finished)
 
@@ -286,7 +242,7 @@ class ConnectionLog(Service):
                 count=len(self.pending),
             )
 
-    def _stopSending(self) -> None:
-        self._sendingAllowed = False
-        cancelCall(self._retry)
-        self._retry = None
+
+def _retryDelay(failures: int) -> float:
+    """0.5 s after the first failure in a row, doubling up to 10 s."""
+    return float(min(RETRY_CAP, RETRY_FLOOR * 2 ** (failures - 1)))

@@ -4,8 +4,9 @@ Upstream sends each timing once, with a 30 s deadline, and forgets it if
 coderd is not there.  Here timings wait in order (at most
 :data:`MAX_PENDING`; beyond that the oldest is dropped and logged) and are
 sent one after the other, again after a reconnection if the connection was
-the problem.  A timing coderd *refuses* (its checks failed) is logged and
-dropped: sending it again would be refused again.
+the problem (:mod:`coderagent.coderd.delivery` sends them).  A timing coderd
+*refuses* (its checks failed) is logged and dropped: sending it again would
+be refused again.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ from collections import deque
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from coderagent.coderd.client import CoderdClient, retryDelay
-from coderagent.coderd.drpc import DRPCError
-from coderagent.deferreds import Waiters, cancelCall
+from coderagent.coderd.delivery import OrderedDelivery
 from coderagent.pb import agent_pb2
 
 log = Logger()
@@ -35,27 +33,34 @@ class TimingReporter(Service):
     def __init__(self, client: CoderdClient, clock: Any) -> None:
         self.client = client
         self.clock = clock
-        self.pending: deque[agent_pb2.Timing] = deque()
-        self.sent = 0
-        self._sending = False
-        self._failures = 0
-        self._timer: IDelayedCall | None = None
-        self._empty: Waiters[None] = Waiters()
+        self._delivery: OrderedDelivery[agent_pb2.Timing] = OrderedDelivery(
+            lambda timing: client.call(
+                "ScriptCompleted", agent_pb2.WorkspaceAgentScriptCompletedRequest(timing=timing)
+            ),
+            clock=clock,
+            delay=retryDelay,
+            onRejected=lambda _, reason: log.error(
+                "reporting script completed: {error}", error=reason.getErrorMessage()
+            ),
+            onFailing=lambda reason: log.warn(
+                "reporting script completed: {error}; retrying", error=reason.getErrorMessage()
+            ),
+        )
+        #: The timings waiting for coderd, oldest first.
+        self.pending: deque[agent_pb2.Timing] = self._delivery.pending
+
+    @property
+    def sent(self) -> int:
+        """Timings coderd has."""
+        return self._delivery.sent
 
     def startService(self) -> None:
         super().startService()
-        self.client.onConnect(self._connected)
+        self.client.onConnect(lambda _: self._delivery.connected())
 
     def stopService(self) -> None:
         super().stopService()
-        cancelCall(self._timer)
-        self._timer = None
-
-    def _connected(self, client: CoderdClient) -> None:
-        cancelCall(self._timer)
-        self._timer = None
-        self._failures = 0
-        self._send()
+        self._delivery.cancelRetry()
 
     def report(self, timing: agent_pb2.Timing) -> None:
         if len(self.pending) >= MAX_PENDING:
@@ -65,45 +70,7 @@ class TimingReporter(Service):
                 start=lost.start.ToJsonString(),
             )
         self.pending.append(timing)
-        self._send()
+        self._delivery.kick()
 
     def waitUntilEmpty(self) -> Deferred[None]:
-        if not self.pending and not self._sending:
-            return succeed(None)
-        return self._empty.wait()
-
-    def _send(self) -> None:
-        if self._sending or self._timer is not None or not self.pending:
-            if not self.pending and not self._sending:
-                self._empty.fire(None)
-            return
-        self._sending = True
-        head = self.pending[0]
-        request = agent_pb2.WorkspaceAgentScriptCompletedRequest(timing=head)
-        d: Deferred[Any] = self.client.call("ScriptCompleted", request)
-        d.addCallbacks(self._sent, self._failed)
-
-    def _sent(self, _: object) -> None:
-        self._sending = False
-        self._failures = 0
-        self.pending.popleft()
-        self.sent += 1
-        self._send()
-
-    def _failed(self, reason: Failure) -> None:
-        self._sending = False
-        if reason.check(DRPCError):
-            log.error("reporting script completed: {error}", error=reason.getErrorMessage())
-            self.pending.popleft()
-            self._send()
-            return
-        self._failures += 1
-        if self._failures == 1:
-            log.warn(
-                "reporting script completed: {error}; retrying", error=reason.getErrorMessage()
-            )
-        self._timer = self.clock.callLater(retryDelay(self._failures), self._retry)
-
-    def _retry(self) -> None:
-        self._timer = None
-        self._send()
+        return self._delivery.waitUntilEmpty()
